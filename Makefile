@@ -1,0 +1,34 @@
+# The two commands of the README: `make demo` and `make test`. Both run `make setup` first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-fast lint clean
+
+setup: $(STAMP)
+
+# Idempotent: re-runs only when the pinned requirements or the package metadata change.
+$(STAMP): requirements.lock requirements-dev.txt setup.cfg pyproject.toml
+	@command -v apt-get >/dev/null && [ -x tools/apt-packages.sh ] && tools/apt-packages.sh || true
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.lock -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+demo: setup
+	$(PY) tools/demo.py
+
+test: setup
+	$(PY) -m ruff check .
+	$(PY) -m pytest
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow"
+
+lint: setup
+	$(PY) -m ruff check .
+
+clean:
+	rm -rf runs data/demo mlruns.db mlartifacts .pytest_cache

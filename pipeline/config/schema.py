@@ -1,0 +1,108 @@
+"""The typed run spec that a YAML config is validated into.
+
+Every key a config may hold is a field here (or in a method's ``Options``); the loader in
+``pipeline.config.load`` checks names and types against these dataclasses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+@dataclass
+class DataSpec:
+    # imagefolder (ImageNet layout), tiny_imagenet, cifar10, cifar100, stl10, demo, synthetic
+    dataset: str = "demo"
+    root: str = "data/demo"
+    train_split: str = "train"
+    eval_splits: list[str] = field(default_factory=lambda: ["val"])
+    backend: Literal["torchvision", "dali", "ffcv"] = "torchvision"
+    # cifar (pad 4, crop 32, flip), tiny_imagenet (pad 8, crop 64, flip), imagenet (RRC + flip), none
+    augment: Literal["cifar", "tiny_imagenet", "imagenet", "none"] = "cifar"
+    image_size: int = 32
+    flip: bool = True  # random horizontal flip in training
+    eval_resize: int = 0  # imagenet eval: resize shorter side to this, then centre crop image_size
+    rrc_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    rrc_ratio: list[float] = field(default_factory=lambda: [3.0 / 4.0, 4.0 / 3.0])
+    mean: list[float] = field(default_factory=lambda: [0.5071, 0.4867, 0.4408])
+    std: list[float] = field(default_factory=lambda: [0.2675, 0.2565, 0.2761])
+    batch_size: int = 64  # per process
+    eval_batch_size: int = 128  # per process
+    workers: int = 2
+    # Augmentation views per sample: epoch e uses view e mod views; 0 means a fresh view each epoch.
+    views: int = 0
+    num_classes: int = 0  # 0: take it from the dataset index
+    synthetic_size: int = 256  # samples per split for dataset: synthetic
+
+
+@dataclass
+class ModelSpec:
+    arch: str = "resnet8"
+    # None, a checkpoint path, or "torchvision:<WEIGHTS_ENUM>" (e.g. torchvision:IMAGENET1K_V1)
+    weights: str | None = None
+
+
+@dataclass
+class TeacherSpec:
+    arch: str = ""
+    weights: str | None = None
+    source: Literal["online", "cached"] = "online"
+    cache_dir: str | None = None
+
+
+@dataclass
+class OptimSpec:
+    name: Literal["sgd"] = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    # no weight decay on BN and bias parameters (off in the papers' recipes)
+    no_decay_bn_bias: bool = False
+    epochs: int = 240
+    schedule: Literal["multistep", "cosine", "constant"] = "multistep"
+    milestones: list[int] = field(default_factory=lambda: [150, 180, 210])
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0
+    grad_accum: int = 1
+    clip_grad_norm: float = 0.0  # 0: no clipping
+
+
+@dataclass
+class TrainSpec:
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    channels_last: bool = False
+    cpu: bool = False  # force CPU even where CUDA is present
+    deterministic: bool = False
+    eval_every: int = 1  # epochs
+    checkpoint_every_steps: int = 0  # 0: only at epoch ends
+    log_every_steps: int = 20
+    progress: bool = True
+    max_steps_per_epoch: int = 0  # 0: whole epoch (used by short smoke runs)
+
+
+@dataclass
+class TrackingSpec:
+    enabled: bool = True
+    # None: $MLFLOW_TRACKING_URI, else sqlite:///<project>/mlruns.db
+    uri: str | None = None
+    artifact_dir: str | None = None  # None: <project>/mlartifacts
+    experiment: str = "kd"
+    run_name: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class RunSpec:
+    name: str = "run"
+    seed: int = 0
+    run_dir: str | None = None  # None: runs/<name>
+    data: DataSpec = field(default_factory=DataSpec)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    teacher: TeacherSpec | None = None
+    # method: {name: <registered method>, ...that method's Options}
+    method: dict[str, Any] = field(default_factory=lambda: {"name": "vanilla"})
+    optim: OptimSpec = field(default_factory=OptimSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    tracking: TrackingSpec = field(default_factory=TrackingSpec)

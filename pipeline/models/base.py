@@ -1,0 +1,33 @@
+"""The model contract: every network returns a ``ModelOutput``.
+
+``forward(x, feats=False, preact=False)``: logits, the pooled penultimate embedding, and, only
+when ``feats`` is true, the list of stage feature maps (post-activation, or pre-activation when
+``preact`` is true). ``embedding_dim`` is the size of the embedding; ``native_size`` the input
+resolution the network was designed for.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import Tensor, nn
+
+from pipeline.registry import Registry
+from pipeline.types import ModelOutput
+
+MODELS: Registry[Callable[..., "Net"]] = Registry("model")
+
+
+class Net(nn.Module):
+    embedding_dim: int
+    native_size: int = 32
+
+    def forward(self, x: Tensor, feats: bool = False, preact: bool = False) -> ModelOutput:  # type: ignore[override]
+        raise NotImplementedError
+
+
+def build_model(arch: str, num_classes: int) -> Net:
+    """Build a registered network by name (``resnet20``, ``wrn_40_2``, ``tv_resnet18`` ...)."""
+    import pipeline.models  # noqa: F401  (fills the registry)
+
+    return MODELS.get(arch)(num_classes=num_classes)

@@ -1,0 +1,63 @@
+"""The online teacher source: the frozen network, run in eval mode under no_grad."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from pipeline.config.schema import TeacherSpec
+from pipeline.models.base import Net, build_model
+from pipeline.types import Batch, TeacherOutput
+
+
+class OnlineTeacher:
+    """Runs the teacher on each batch and returns the fields a method asked for."""
+
+    def __init__(self, model: Net, fields: tuple[str, ...], preact: bool = False) -> None:
+        self.model = model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.fields = fields
+        self.preact = preact
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.model.embedding_dim
+
+    def to(self, device: torch.device) -> "OnlineTeacher":
+        self.model.to(device)
+        return self
+
+    @torch.no_grad()
+    def __call__(self, batch: Batch, images: Tensor) -> TeacherOutput:
+        out = self.model(images, feats="feats" in self.fields, preact=self.preact)
+        return TeacherOutput(
+            logits=out.logits if "logits" in self.fields else None,
+            embedding=out.embedding if "embedding" in self.fields else None,
+            feats=out.feats if "feats" in self.fields else None,
+        )
+
+
+def build_teacher_model(spec: TeacherSpec, num_classes: int, load: bool = True) -> tuple[nn.Module, dict]:
+    """The teacher network with its weights (``load=False`` leaves it random, for dry runs)."""
+    from pipeline.models.weights import load_weights
+
+    model = build_model(spec.arch, num_classes)
+    info: dict = {}
+    if load and spec.weights:
+        info = load_weights(model, spec.weights)
+    return model, info
+
+
+def teacher_run_id(weights: str | None) -> str | None:
+    """The MLflow run that produced a teacher checkpoint, when it came from one of our runs."""
+    if not weights or weights.startswith("torchvision:"):
+        return None
+    info = Path(weights).resolve().parent / "run_info.json"
+    if not info.exists():
+        return None
+    import json
+
+    return json.loads(info.read_text()).get("mlflow_run_id")

@@ -1,0 +1,26 @@
+"""The student and the method in one module, so one DDP wrapper syncs the gradients of both."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from pipeline.distill.base import Method
+from pipeline.models.base import Net
+from pipeline.types import Batch, ModelOutput, TeacherOutput
+
+
+class Distiller(nn.Module):
+    def __init__(self, student: Net, method: Method) -> None:
+        super().__init__()
+        self.student = student
+        self.method = method
+
+    def forward(  # type: ignore[override]
+        self, images: Tensor, teacher: TeacherOutput | None, batch: Batch
+    ) -> tuple[ModelOutput, dict[str, Tensor]]:
+        out = self.student(images, feats=self.method.student_feats, preact=self.method.preact)
+        return out, self.method(out, teacher, batch)
+
+    def predict(self, images: Tensor) -> Tensor:
+        out = self.student(images)
+        return self.method.eval_logits(out)

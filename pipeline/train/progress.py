@@ -1,0 +1,29 @@
+"""A tqdm progress bar on the main process showing the loss terms and images/s."""
+
+from __future__ import annotations
+
+import sys
+
+
+class Progress:
+    def __init__(self, enabled: bool, total: int, start: int, epoch: int) -> None:
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=total, initial=start, desc=f"epoch {epoch + 1}", leave=False,
+                dynamic_ncols=True, file=sys.stderr, mininterval=1.0,
+            )
+
+    def update(self, terms: dict[str, float], images_per_s: float) -> None:
+        if self.bar is None:
+            return
+        self.bar.update(1)
+        shown = {k: f"{v:.3f}" for k, v in terms.items()}
+        shown["img/s"] = f"{images_per_s:.0f}"
+        self.bar.set_postfix(shown, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,304 @@
+"""The Accelerate training loop: AMP, DDP, accumulation, evaluation, checkpoint and resume.
+
+Re-running the same command resumes from ``<run_dir>/checkpoints/last.pt`` (model, method state,
+optimiser, scaler, RNG states, position) and continues the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
+
+from pipeline.config.schema import RunSpec
+from pipeline.data import AugPlan, build_eval_loader, build_train_loader, to_device
+from pipeline.evaluate.loop import evaluate_split
+from pipeline.teacher.online import teacher_run_id
+from pipeline.track.mlflow_tracker import Tracker
+from pipeline.train.build import build_parts
+from pipeline.train.checkpoint import atomic_save, checkpoint_path, load_checkpoint, rng_state, set_rng_state
+from pipeline.train.distiller import Distiller
+from pipeline.train.optim import build_optimizer
+from pipeline.train.progress import Progress
+from pipeline.train.schedule import set_lr
+from pipeline.train.signals import StopFlag
+from pipeline.types import Batch
+
+
+def run_dir_for(spec: RunSpec) -> Path:
+    return Path(spec.run_dir or Path("runs") / spec.name).resolve()
+
+
+def make_accelerator(spec: RunSpec, find_unused: bool) -> Accelerator:
+    cpu = spec.train.cpu or not torch.cuda.is_available()
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=find_unused)]
+    return Accelerator(
+        cpu=cpu,
+        mixed_precision=spec.train.mixed_precision,
+        gradient_accumulation_steps=spec.optim.grad_accum,
+        kwargs_handlers=handlers,
+    )
+
+
+class Trainer:
+    def __init__(self, spec: RunSpec, *, load_teacher: bool = True, config_text: str = "") -> None:
+        self.spec = spec
+        self.run_dir = run_dir_for(spec)
+        set_seed(spec.seed)
+        if spec.train.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        # The epoch-0 loader fixes the number of steps every process runs per epoch.
+        self.parts = build_parts(spec, load_teacher=load_teacher)
+        acc = make_accelerator(spec, find_unused=any(True for _ in self.parts.method.parameters()))
+        self.acc = acc
+        self.plan = AugPlan.from_spec(spec.data, spec.seed)
+        self.steps_per_epoch = self._steps(len(self._train_loader(0, 0)))
+        self.parts.method.ctx = type(self.parts.method.ctx)(
+            **{**asdict(self.parts.method.ctx), "steps_per_epoch": self.steps_per_epoch}
+        )
+        if spec.train.channels_last:
+            self.parts.student.to(memory_format=torch.channels_last)
+        distiller = Distiller(self.parts.student, self.parts.method)
+        optimizer = build_optimizer(self.parts.student, self.parts.method, spec.optim)
+        self.distiller, self.optimizer = acc.prepare(distiller, optimizer)
+        self.teacher = self.parts.teacher.to(acc.device) if self.parts.teacher is not None else None
+        self.tracker = Tracker(spec.tracking, enabled=acc.is_main_process)
+        self.config_text = config_text
+        self.stop = StopFlag()
+
+    # -- data -------------------------------------------------------------------------------
+    def _train_loader(self, epoch: int, start_step: int):
+        return build_train_loader(
+            self.parts.train_index, self.spec.data, self.plan, epoch, self.spec.seed,
+            self.acc.process_index, self.acc.num_processes, start_step,
+        )
+
+    def _steps(self, n: int) -> int:
+        cap = self.spec.train.max_steps_per_epoch
+        return min(n, cap) if cap > 0 else n
+
+    def _prepare(self, batch: Batch) -> Batch:
+        d = self.spec.data
+        return to_device(batch, self.acc.device, d.mean, d.std, self.spec.train.channels_last)
+
+    # -- state ------------------------------------------------------------------------------
+    def _state(self, epoch: int, step: int, updates: int, best: dict, history: list) -> dict:
+        scaler = getattr(self.acc, "scaler", None)
+        rngs = self.acc.gather_for_metrics([rng_state()], use_gather_object=True)
+        return {
+            "model": self.acc.unwrap_model(self.distiller).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": rngs,
+            "epoch": epoch,
+            "step": step,
+            "updates": updates,
+            "best": best,
+            "history": history,
+            "mlflow_run_id": self.tracker.run_id,
+            "world_size": self.acc.num_processes,
+        }
+
+    def save(self, epoch: int, step: int, updates: int, best: dict, history: list) -> None:
+        state = self._state(epoch, step, updates, best, history)
+        if self.acc.is_main_process:
+            atomic_save(state, checkpoint_path(self.run_dir))
+        self.acc.wait_for_everyone()
+
+    def _restore(self, ckpt: dict) -> None:
+        self.acc.unwrap_model(self.distiller).load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        scaler = getattr(self.acc, "scaler", None)
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        rngs = ckpt["rng"]
+        if len(rngs) == self.acc.num_processes:
+            set_rng_state(rngs[self.acc.process_index])
+
+    # -- the run ------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        spec, acc = self.spec, self.acc
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt = load_checkpoint(self.run_dir)
+        epoch, step, updates, best, history = 0, 0, 0, {}, []
+        if ckpt is not None:
+            self._restore(ckpt)
+            epoch, step, updates = ckpt["epoch"], ckpt["step"], ckpt["updates"]
+            best, history = ckpt["best"], ckpt["history"]
+            acc.print(f"resuming {self.run_dir} at epoch {epoch + 1}, step {step}")
+        metrics_file = self.run_dir / "metrics.json"
+        if epoch >= spec.optim.epochs and metrics_file.exists():
+            acc.print(f"{self.run_dir} is already finished")
+            return json.loads(metrics_file.read_text())
+        self._start_tracking(ckpt)
+        self.stop.install()
+        try:
+            while epoch < spec.optim.epochs:
+                updates = self._train_epoch(epoch, step, updates)
+                if self.stop.requested:
+                    return self._interrupt(epoch, updates, best, history)
+                self.parts.method.end_epoch(epoch)
+                row = self._evaluate(epoch, updates)
+                history.append(row)
+                best = self._update_best(best, row, epoch)
+                epoch, step = epoch + 1, 0
+                self.save(epoch, 0, updates, best, history)
+            return self._finish(best, history, updates)
+        except BaseException:
+            self.tracker.finish("FAILED")
+            raise
+        finally:
+            self.stop.uninstall()
+
+    def _start_tracking(self, ckpt: dict | None) -> None:
+        spec = self.spec
+        tags = {
+            "method": spec.method["name"],
+            "student": spec.model.arch,
+            "dataset": spec.data.dataset,
+            "dataset_fingerprint": self.parts.train_index.fingerprint,
+            "run_dir": str(self.run_dir),
+        }
+        if spec.teacher is not None and spec.teacher.arch:
+            tags["teacher"] = spec.teacher.arch
+            parent = teacher_run_id(spec.teacher.weights)
+            if parent:
+                tags["teacher_run_id"] = parent
+        params = asdict(spec)
+        params["world_size"] = self.acc.num_processes
+        run_id = self.tracker.start(
+            spec.tracking.run_name or spec.name, params, tags,
+            resume_run_id=ckpt.get("mlflow_run_id") if ckpt else None,
+        )
+        if self.acc.is_main_process:
+            (self.run_dir / "config.yaml").write_text(self.config_text)
+            info = {"mlflow_run_id": run_id, "name": spec.name, **tags}
+            (self.run_dir / "run_info.json").write_text(json.dumps(info, indent=2))
+            self.tracker.log_artifact(self.run_dir / "config.yaml")
+
+    def _train_epoch(self, epoch: int, start_step: int, updates: int) -> int:
+        spec, acc = self.spec, self.acc
+        method = self.parts.method
+        method.start_epoch(epoch)
+        self.distiller.train()
+        loader = self._train_loader(epoch, start_step)
+        total = self.steps_per_epoch
+        progress = Progress(acc.is_main_process and spec.train.progress, total, start_step, epoch)
+        sums: dict[str, float] = {}
+        count, seen, t0 = 0, 0, time.perf_counter()
+        step = start_step
+        for raw in loader:
+            if step >= total:
+                break
+            batch = self._prepare(raw)
+            lr = set_lr(self.optimizer, spec.optim, epoch + step / total)
+            with acc.accumulate(self.distiller):
+                teacher_out = None
+                if self.teacher is not None:
+                    with acc.autocast():
+                        teacher_out = self.teacher(batch, batch.images)
+                with acc.autocast():
+                    _, losses = self.distiller(batch.images, teacher_out, batch)
+                    loss = sum(losses.values())
+                acc.backward(loss)
+                if acc.sync_gradients and spec.optim.clip_grad_norm > 0:
+                    acc.clip_grad_norm_(self.distiller.parameters(), spec.optim.clip_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            if acc.sync_gradients:
+                updates += 1
+            step += 1
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+            count += 1
+            seen += len(batch) * acc.num_processes
+            progress.update({k: v / count for k, v in sums.items()}, seen / (time.perf_counter() - t0))
+            global_step = epoch * total + step
+            if step % spec.train.log_every_steps == 0 or step == total:
+                rate = seen / (time.perf_counter() - t0)
+                logged = {f"train/{k}": v / count for k, v in sums.items()}
+                self.tracker.log_metrics({**logged, "lr": lr, "images_per_s": rate}, global_step)
+                sums, count = {}, 0
+            every = spec.train.checkpoint_every_steps
+            if self.stop.check():
+                self._stop_position = (epoch, step)
+                break
+            if every > 0 and step % every == 0 and step < total:
+                ckpt = load_checkpoint(self.run_dir) or {}
+                self.save(epoch, step, updates, ckpt.get("best", {}), ckpt.get("history", []))
+        progress.close()
+        return updates
+
+    def _interrupt(self, epoch: int, updates: int, best: dict, history: list) -> dict[str, Any]:
+        _, step = self._stop_position
+        self.save(epoch, step, updates, best, history)
+        self.tracker.set_tags({"interrupted": "true"})
+        self.tracker.finish("KILLED")
+        self.acc.print(f"stopped by signal at epoch {epoch + 1} step {step}; checkpoint saved")
+        return {"interrupted": True, "epoch": epoch, "step": step}
+
+    def _evaluate(self, epoch: int, updates: int) -> dict[str, Any]:
+        spec = self.spec
+        row: dict[str, Any] = {"epoch": epoch + 1}
+        last = epoch + 1 == spec.optim.epochs
+        if not last and (epoch + 1) % max(spec.train.eval_every, 1) != 0:
+            return row
+        self.distiller.eval()
+        predict = self.acc.unwrap_model(self.distiller).predict
+        for split, index in self.parts.eval_indices.items():
+            loader = build_eval_loader(index, spec.data, self.acc.process_index, self.acc.num_processes)
+            with self.acc.autocast():
+                metrics = evaluate_split(predict, loader, self._prepare)
+            for k, v in metrics.items():
+                row[f"{split}/{k}"] = v
+        extra = self.parts.method.epoch_metrics()
+        row.update({f"method/{k}": v for k, v in extra.items()})
+        self.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, (epoch + 1) * self.steps_per_epoch)
+        if self.acc.is_main_process:
+            first = spec.data.eval_splits[0]
+            self.acc.print(
+                f"epoch {epoch + 1}/{spec.optim.epochs}: "
+                + " ".join(f"{s}/top1={row.get(f'{s}/top1', float('nan')):.2f}" for s in spec.data.eval_splits)
+                + f" ({first} ece={row.get(f'{first}/ece', float('nan')):.3f})"
+            )
+        return row
+
+    def _update_best(self, best: dict, row: dict, epoch: int) -> dict:
+        key = f"{self.spec.data.eval_splits[0]}/top1"
+        if key in row and row[key] > best.get(key, -1.0):
+            return {**row, "best_epoch": epoch + 1}
+        return best
+
+    def _finish(self, best: dict, history: list, updates: int) -> dict[str, Any]:
+        acc = self.acc
+        last = next((r for r in reversed(history) if len(r) > 1), {})
+        first = self.spec.data.eval_splits[0]
+        final = {
+            "last": last,
+            "best": best,
+            "best_top1": best.get(f"{first}/top1"),
+            "last_top1": last.get(f"{first}/top1"),
+            "updates": updates,
+            "mlflow_run_id": self.tracker.run_id,
+        }
+        if acc.is_main_process:
+            student = acc.unwrap_model(self.distiller).student
+            atomic_save(student.state_dict(), self.run_dir / "student.pt")
+            method_state = acc.unwrap_model(self.distiller).method.state_dict()
+            if method_state:
+                atomic_save(method_state, self.run_dir / "method.pt")
+            metrics_file = self.run_dir / "metrics.json"
+            metrics_file.write_text(json.dumps(final, indent=2))
+            summary = {f"best/{k}": v for k, v in best.items() if isinstance(v, (int, float))}
+            self.tracker.log_metrics(summary, self.spec.optim.epochs * self.steps_per_epoch)
+            self.tracker.log_artifact(metrics_file)
+            self.tracker.finish("FINISHED")
+        acc.wait_for_everyone()
+        return final
