@@ -7,7 +7,8 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor
 
-from pipeline.evaluate.metrics import evaluate_all, gather_eval
+from pipeline.evaluate.gather import gather_eval
+from pipeline.evaluate.metrics import evaluate_all
 from pipeline.types import Batch
 
 
@@ -16,15 +17,18 @@ def evaluate_split(
     predict: Callable[[Tensor], Tensor],
     loader: Iterable[Batch],
     prepare: Callable[[Batch], Batch],
+    device: torch.device,
 ) -> dict[str, float]:
-    """``predict`` maps device images to logits; ``prepare`` moves and normalises a batch."""
+    """``predict`` maps device images to logits; ``prepare`` moves and normalises a batch.
+
+    A process without batches still joins the gather, with empty tensors on its own device.
+    """
     logits, labels, index = [], [], []
     for raw in loader:
         batch = prepare(raw)
         logits.append(predict(batch.images).float())
         labels.append(batch.labels)
         index.append(batch.index)
-    device = logits[0].device if logits else torch.device("cpu")
     all_logits, all_labels = gather_eval(
         torch.cat(logits) if logits else torch.empty(0, 0, device=device),
         torch.cat(labels) if labels else torch.empty(0, dtype=torch.long, device=device),
