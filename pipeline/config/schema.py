@@ -18,7 +18,7 @@ class DataSpec:
     train_split: str = "train"
     eval_splits: list[str] = field(default_factory=lambda: ["val"])
     backend: Literal["torchvision", "dali", "ffcv"] = "torchvision"
-    # cifar (pad 4, crop 32, flip), tiny_imagenet (pad 8, crop 64, flip), imagenet (RRC + flip), none
+    # cifar (pad 4, crop 32, flip), tiny_imagenet (pad 8, crop 64, flip), imagenet (RRC, flip)
     augment: Literal["cifar", "tiny_imagenet", "imagenet", "none"] = "cifar"
     image_size: int = 32
     flip: bool = True  # random horizontal flip in training
@@ -49,6 +49,11 @@ class TeacherSpec:
     weights: str | None = None
     source: Literal["online", "cached"] = "online"
     cache_dir: str | None = None
+    # Teacher cache (launch/cache_teacher.py, pipeline/teacher/cache_format.py):
+    cache_fields: list[str] = field(default_factory=list)  # []: the fields the method needs
+    cache_topk: int = 0  # 0: full fp16 logits; k: top-k probabilities at the method's T
+    cache_eval_view: bool = False  # also cache the deterministic eval view of every train sample
+    cache_chunk: int = 4096  # rows per chunk (the unit of work, completion and checksums)
 
 
 @dataclass

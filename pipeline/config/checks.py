@@ -1,0 +1,70 @@
+"""Rules a config must meet beyond names and types: value ranges, cross-field rules, paths.
+
+Relative paths (``data.root``, ``model.weights``, ``teacher.weights``) resolve against the current
+working directory, as everywhere in a config except ``base:``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pipeline.config.coerce import fail, file_for
+from pipeline.config.errors import ConfigError
+from pipeline.config.schema import RunSpec
+
+
+def check_values(spec: RunSpec, method_cls: Any, root: str) -> None:
+    """Rules that involve values, not just types."""
+    data, optim = spec.data, spec.optim
+    if not data.eval_splits:
+        fail("data.eval_splits", "expected at least one split, found []", root)
+    minimums = [
+        ("data.batch_size", data.batch_size, 1),
+        ("data.eval_batch_size", data.eval_batch_size, 1),
+        ("data.image_size", data.image_size, 1),
+        ("data.workers", data.workers, 0),
+        ("data.views", data.views, 0),
+        ("optim.epochs", optim.epochs, 1),
+        ("optim.grad_accum", optim.grad_accum, 1),
+    ]
+    for key, value, low in minimums:
+        if value < low:
+            fail(key, f"expected a value >= {low}, found {value}", root)
+    for key, values in (("data.mean", data.mean), ("data.std", data.std)):
+        if len(values) != 3:
+            fail(key, f"expected 3 values (one per RGB channel), found {len(values)}", root)
+    milestones = optim.milestones
+    if any(b <= a for a, b in zip(milestones, milestones[1:], strict=False)):
+        fail("optim.milestones", f"expected increasing epochs, found {milestones}", root)
+    teacher = spec.teacher
+    if getattr(method_cls, "needs_teacher", False) and (teacher is None or not teacher.arch):
+        name = spec.method["name"]
+        raise ConfigError(
+            f"{file_for('method.name', root)}: method {name!r} needs a teacher: set teacher.arch"
+        )
+    if teacher is not None and teacher.source == "cached" and not teacher.cache_dir:
+        fail("teacher.cache_dir", "required when teacher.source is 'cached', found null", root)
+
+
+def check_files(spec: RunSpec, root: str) -> None:
+    """Data root and weight files must exist; relative paths resolve against the cwd."""
+    if spec.data.dataset != "synthetic":
+        _must_exist("data.root", spec.data.root, root, directory=True)
+    weights = [("model.weights", spec.model.weights)]
+    if spec.teacher is not None:
+        weights.append(("teacher.weights", spec.teacher.weights))
+    for key, value in weights:
+        if value is not None and not value.startswith("torchvision:"):
+            _must_exist(key, value, root, directory=False)
+
+
+def _must_exist(key: str, value: str, root: str, *, directory: bool) -> None:
+    path = Path(value).expanduser()
+    absolute = path if path.is_absolute() else Path.cwd() / path
+    kind = "directory" if directory else "file"
+    ok = absolute.is_dir() if directory else absolute.is_file()
+    if not ok:
+        found = "not found" if not absolute.exists() else f"is not a {kind}"
+        relative = "" if path.is_absolute() else " (relative paths resolve against the cwd)"
+        fail(key, f"{kind} {found}: {absolute}{relative}", root)
