@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import difflib
-from typing import Callable, Generic, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -12,6 +13,13 @@ def closest(name: str, choices: list[str]) -> str | None:
     """The closest valid name to ``name``, or None if nothing is close."""
     found = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
     return found[0] if found else None
+
+
+class UnknownNameError(KeyError):
+    """A name that is not registered; the message suggests the closest registered one."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 class Registry(Generic[T]):
@@ -34,7 +42,8 @@ class Registry(Generic[T]):
         if name not in self._items:
             hint = closest(name, self.names())
             extra = f"; did you mean {hint!r}?" if hint else ""
-            raise KeyError(f"unknown {self.kind} {name!r}{extra} (known: {', '.join(self.names())})")
+            known = ", ".join(self.names())
+            raise UnknownNameError(f"unknown {self.kind} {name!r}{extra} (known: {known})")
         return self._items[name]
 
     def names(self) -> list[str]:

@@ -8,14 +8,14 @@ resolution the network was designed for.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import Tensor, nn
 
 from pipeline.registry import Registry
 from pipeline.types import ModelOutput
 
-MODELS: Registry[Callable[..., "Net"]] = Registry("model")
+MODELS: Registry[Callable[..., Net]] = Registry("model")
 
 
 class Net(nn.Module):
