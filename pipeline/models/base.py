@@ -27,7 +27,7 @@ class Net(nn.Module):
 
 
 def build_model(arch: str, num_classes: int) -> Net:
-    """Build a registered network by name (``resnet20``, ``wrn_40_2``, ``tv_resnet18`` ...)."""
+    """Build a registered network by name (``resnet20``, ``wrn_40_2``, ``resnet18`` ...)."""
     import pipeline.models  # noqa: F401  (fills the registry)
 
     return MODELS.get(arch)(num_classes=num_classes)
