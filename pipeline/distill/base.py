@@ -83,6 +83,10 @@ class Method(nn.Module):
     def end_epoch(self, epoch: int) -> None:
         """Called after each training epoch on every process (collectives are allowed)."""
 
+    def sync_for_checkpoint(self) -> None:
+        """Called on every process before a checkpoint; gather rank-local state (CID's partial
+        centre sums) so the checkpoint holds all of it."""
+
     def no_decay_parameters(self) -> list[nn.Parameter]:
         """Parameters of this method that take no weight decay (CID's W, say)."""
         return []
