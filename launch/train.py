@@ -21,11 +21,20 @@ from pipeline.config.schema import RunSpec  # noqa: E402
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--cfg", required=True, help="YAML run config")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set optim.epochs=2 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set optim.epochs=2 (repeatable)",
+    )
     p.add_argument("--run-dir", help="run directory (default: runs/<name>)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="two steps on synthetic data shaped like the config's dataset")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="two steps on synthetic data shaped like the config's dataset",
+    )
     return p.parse_args(argv)
 
 
@@ -68,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
             spec = dry_run_spec(spec, tmp)
             trainer = Trainer(spec, load_teacher=False, config_text=dump_config(spec))
             result = trainer.fit()
-            trainer.acc.print(f"dry run of {args.cfg}: ok ({trainer.acc.num_processes} process(es))")
+            trainer.acc.print(
+                f"dry run of {args.cfg}: ok ({trainer.acc.num_processes} process(es))"
+            )
             trainer.acc.end_training()
         return 0
     trainer = Trainer(spec, config_text=dump_config(spec))

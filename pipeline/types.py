@@ -23,7 +23,7 @@ class Batch:
     index: Tensor
     view: Tensor
 
-    def to(self, device: torch.device | str) -> "Batch":
+    def to(self, device: torch.device | str) -> Batch:
         return Batch(
             self.images.to(device, non_blocking=True),
             self.labels.to(device, non_blocking=True),
@@ -57,10 +57,10 @@ class TeacherOutput:
     extra: dict[str, Tensor] = field(default_factory=dict)
 
     @classmethod
-    def from_model(cls, out: ModelOutput) -> "TeacherOutput":
+    def from_model(cls, out: ModelOutput) -> TeacherOutput:
         return cls(logits=out.logits, embedding=out.embedding, feats=out.feats)
 
-    def detached(self) -> "TeacherOutput":
+    def detached(self) -> TeacherOutput:
         return replace(
             self,
             logits=None if self.logits is None else self.logits.detach(),

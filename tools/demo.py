@@ -1,4 +1,4 @@
-"""`make demo`: build the bundled data, train a teacher, then students (vanilla, KD, CID), print a table.
+"""`make demo`: build the bundled data, train a teacher, distil students, print one table.
 
 Each stage is the user's own command (``launch/train.py --cfg configs/demo/<x>.yaml``) in a
 subprocess; a finished stage is skipped on a second run (its run directory has metrics.json).

@@ -85,6 +85,9 @@ class TrainSpec:
     log_every_steps: int = 20
     progress: bool = True
     max_steps_per_epoch: int = 0  # 0: whole epoch (used by short smoke runs)
+    # Seconds a collective may wait for a peer before the process fails (a hung or lost process
+    # otherwise blocks the others; a killed one usually surfaces sooner as a connection error).
+    dist_timeout_s: int = 1800
 
 
 @dataclass

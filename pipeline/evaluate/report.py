@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 COLUMNS = ("top1", "ece")
 
@@ -38,13 +38,14 @@ def format_table(rows: dict[str, list[dict[str, float]]], splits: Sequence[str])
         for s in splits:
             for c in COLUMNS:
                 m, sd = mean_std([r[f"{s}/{c}"] for r in seeds])
-                scale, fmt = (1.0, "{:.2f}") if c == "top1" else (100.0, "{:.2f}")
+                scale, fmt = (1.0, "{:.2f}") if c == "top1" else (100.0, "{:.2f}")  # ECE → %
                 text = fmt.format(m * scale)
                 if len(seeds) > 1:
                     text += " ± " + fmt.format(sd * scale)
                 line.append(text)
         cells.append(line)
-    header = ["run", "seeds"] + [h.replace("top1", "top-1 %").replace("ece", "ECE %") for h in heads]
+    pretty = [h.replace("top1", "top-1 %").replace("ece", "ECE %") for h in heads]
+    header = ["run", "seeds", *pretty]
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
     out = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
     out.append("  ".join("-" * w for w in widths))

@@ -26,7 +26,7 @@ class OnlineTeacher:
     def embedding_dim(self) -> int:
         return self.model.embedding_dim
 
-    def to(self, device: torch.device) -> "OnlineTeacher":
+    def to(self, device: torch.device) -> OnlineTeacher:
         self.model.to(device)
         return self
 
@@ -40,7 +40,9 @@ class OnlineTeacher:
         )
 
 
-def build_teacher_model(spec: TeacherSpec, num_classes: int, load: bool = True) -> tuple[nn.Module, dict]:
+def build_teacher_model(
+    spec: TeacherSpec, num_classes: int, load: bool = True
+) -> tuple[nn.Module, dict]:
     """The teacher network with its weights (``load=False`` leaves it random, for dry runs)."""
     from pipeline.models.weights import load_weights
 

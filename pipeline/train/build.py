@@ -36,7 +36,9 @@ def method_options(spec: RunSpec) -> Any:
     return opts
 
 
-def build_parts(spec: RunSpec, steps_per_epoch: int | None = None, load_teacher: bool = True) -> RunParts:
+def build_parts(
+    spec: RunSpec, steps_per_epoch: int | None = None, load_teacher: bool = True
+) -> RunParts:
     train_index = build_index(spec.data, spec.data.train_split)
     eval_indices = {s: build_index(spec.data, s) for s in spec.data.eval_splits}
     num_classes = spec.data.num_classes or len(train_index.classes)

@@ -12,7 +12,9 @@ def _is_bn_or_bias(name: str, p: nn.Parameter) -> bool:
     return p.ndim <= 1 or name.endswith(".bias")
 
 
-def build_optimizer(student: nn.Module, method: nn.Module, spec: OptimSpec) -> torch.optim.Optimizer:
+def build_optimizer(
+    student: nn.Module, method: nn.Module, spec: OptimSpec
+) -> torch.optim.Optimizer:
     """SGD over the student and the method's own parts.
 
     Groups: decayed parameters; parameters without decay (BN and biases of the student when

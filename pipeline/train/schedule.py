@@ -13,7 +13,7 @@ from pipeline.config.schema import OptimSpec
 
 
 def lr_factor(spec: OptimSpec, progress: float) -> float:
-    """Multiplier of the base LR after ``progress`` epochs (a float: 2.5 = halfway through epoch 3)."""
+    """Multiplier of the base LR after ``progress`` epochs (2.5 = halfway through epoch 3)."""
     if spec.warmup_epochs > 0 and progress < spec.warmup_epochs:
         warm = (progress + 1e-12) / spec.warmup_epochs
     else:

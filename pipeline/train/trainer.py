@@ -7,22 +7,31 @@ optimiser, scaler, RNG states, position) and continues the same MLflow run.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, set_seed
 
 from pipeline.config.schema import RunSpec
 from pipeline.data import AugPlan, build_eval_loader, build_train_loader, to_device
+from pipeline.distill.compose import mark_rank_local_buffers
 from pipeline.evaluate.loop import evaluate_split
 from pipeline.teacher.online import teacher_run_id
 from pipeline.track.mlflow_tracker import Tracker
 from pipeline.train.build import build_parts
-from pipeline.train.checkpoint import atomic_save, checkpoint_path, load_checkpoint, rng_state, set_rng_state
+from pipeline.train.checkpoint import (
+    atomic_save,
+    checkpoint_path,
+    load_checkpoint,
+    rng_state,
+    set_rng_state,
+)
 from pipeline.train.distiller import Distiller
 from pipeline.train.optim import build_optimizer
 from pipeline.train.progress import Progress
@@ -35,9 +44,22 @@ def run_dir_for(spec: RunSpec) -> Path:
     return Path(spec.run_dir or Path("runs") / spec.name).resolve()
 
 
+def share_cpu_threads(local_processes: int) -> None:
+    """Give each local process an equal share of the cores unless OMP_NUM_THREADS says otherwise.
+
+    Oversubscribed OpenMP pools are catastrophic on small machines: with 2 processes × 2
+    threads on 2 cores, every tiny op waits a scheduler quantum (measured: 10-20× slower steps).
+    """
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_processes, 1)))
+
+
 def make_accelerator(spec: RunSpec, find_unused: bool) -> Accelerator:
     cpu = spec.train.cpu or not torch.cuda.is_available()
-    handlers = [DistributedDataParallelKwargs(find_unused_parameters=find_unused)]
+    handlers = [
+        DistributedDataParallelKwargs(find_unused_parameters=find_unused),
+        InitProcessGroupKwargs(timeout=timedelta(seconds=spec.train.dist_timeout_s)),
+    ]
     return Accelerator(
         cpu=cpu,
         mixed_precision=spec.train.mixed_precision,
@@ -57,6 +79,8 @@ class Trainer:
         self.parts = build_parts(spec, load_teacher=load_teacher)
         acc = make_accelerator(spec, find_unused=any(True for _ in self.parts.method.parameters()))
         self.acc = acc
+        if acc.device.type == "cpu":
+            share_cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes)))
         self.plan = AugPlan.from_spec(spec.data, spec.seed)
         self.steps_per_epoch = self._steps(len(self._train_loader(0, 0)))
         self.parts.method.ctx = type(self.parts.method.ctx)(
@@ -65,18 +89,28 @@ class Trainer:
         if spec.train.channels_last:
             self.parts.student.to(memory_format=torch.channels_last)
         distiller = Distiller(self.parts.student, self.parts.method)
+        # DDP copies rank 0's buffers to every process each forward: exempt rank-local sums.
+        mark_rank_local_buffers(distiller)
         optimizer = build_optimizer(self.parts.student, self.parts.method, spec.optim)
         self.distiller, self.optimizer = acc.prepare(distiller, optimizer)
         self.teacher = self.parts.teacher.to(acc.device) if self.parts.teacher is not None else None
         self.tracker = Tracker(spec.tracking, enabled=acc.is_main_process)
         self.config_text = config_text
         self.stop = StopFlag()
+        self.best: dict[str, Any] = {}
+        self.history: list[dict[str, Any]] = []
 
     # -- data -------------------------------------------------------------------------------
     def _train_loader(self, epoch: int, start_step: int):
         return build_train_loader(
-            self.parts.train_index, self.spec.data, self.plan, epoch, self.spec.seed,
-            self.acc.process_index, self.acc.num_processes, start_step,
+            self.parts.train_index,
+            self.spec.data,
+            self.plan,
+            epoch,
+            self.spec.seed,
+            self.acc.process_index,
+            self.acc.num_processes,
+            start_step,
         )
 
     def _steps(self, n: int) -> int:
@@ -88,7 +122,7 @@ class Trainer:
         return to_device(batch, self.acc.device, d.mean, d.std, self.spec.train.channels_last)
 
     # -- state ------------------------------------------------------------------------------
-    def _state(self, epoch: int, step: int, updates: int, best: dict, history: list) -> dict:
+    def _state(self, epoch: int, step: int, updates: int) -> dict:
         scaler = getattr(self.acc, "scaler", None)
         rngs = self.acc.gather_for_metrics([rng_state()], use_gather_object=True)
         return {
@@ -99,14 +133,15 @@ class Trainer:
             "epoch": epoch,
             "step": step,
             "updates": updates,
-            "best": best,
-            "history": history,
+            "best": self.best,
+            "history": self.history,
             "mlflow_run_id": self.tracker.run_id,
             "world_size": self.acc.num_processes,
         }
 
-    def save(self, epoch: int, step: int, updates: int, best: dict, history: list) -> None:
-        state = self._state(epoch, step, updates, best, history)
+    def save(self, epoch: int, step: int, updates: int) -> None:
+        self.parts.method.sync_for_checkpoint()
+        state = self._state(epoch, step, updates)
         if self.acc.is_main_process:
             atomic_save(state, checkpoint_path(self.run_dir))
         self.acc.wait_for_everyone()
@@ -126,11 +161,11 @@ class Trainer:
         spec, acc = self.spec, self.acc
         self.run_dir.mkdir(parents=True, exist_ok=True)
         ckpt = load_checkpoint(self.run_dir)
-        epoch, step, updates, best, history = 0, 0, 0, {}, []
+        epoch, step, updates = 0, 0, 0
         if ckpt is not None:
             self._restore(ckpt)
             epoch, step, updates = ckpt["epoch"], ckpt["step"], ckpt["updates"]
-            best, history = ckpt["best"], ckpt["history"]
+            self.best, self.history = ckpt["best"], ckpt["history"]
             acc.print(f"resuming {self.run_dir} at epoch {epoch + 1}, step {step}")
         metrics_file = self.run_dir / "metrics.json"
         if epoch >= spec.optim.epochs and metrics_file.exists():
@@ -142,14 +177,14 @@ class Trainer:
             while epoch < spec.optim.epochs:
                 updates = self._train_epoch(epoch, step, updates)
                 if self.stop.requested:
-                    return self._interrupt(epoch, updates, best, history)
+                    return self._interrupt(epoch, updates)
                 self.parts.method.end_epoch(epoch)
-                row = self._evaluate(epoch, updates)
-                history.append(row)
-                best = self._update_best(best, row, epoch)
+                row = self._evaluate(epoch)
+                self.history.append(row)
+                self._update_best(row, epoch)
                 epoch, step = epoch + 1, 0
-                self.save(epoch, 0, updates, best, history)
-            return self._finish(best, history, updates)
+                self.save(epoch, 0, updates)
+            return self._finish(updates)
         except BaseException:
             self.tracker.finish("FAILED")
             raise
@@ -173,7 +208,9 @@ class Trainer:
         params = asdict(spec)
         params["world_size"] = self.acc.num_processes
         run_id = self.tracker.start(
-            spec.tracking.run_name or spec.name, params, tags,
+            spec.tracking.run_name or spec.name,
+            params,
+            tags,
             resume_run_id=ckpt.get("mlflow_run_id") if ckpt else None,
         )
         if self.acc.is_main_process:
@@ -219,7 +256,9 @@ class Trainer:
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
             count += 1
             seen += len(batch) * acc.num_processes
-            progress.update({k: v / count for k, v in sums.items()}, seen / (time.perf_counter() - t0))
+            progress.update(
+                {k: v / count for k, v in sums.items()}, seen / (time.perf_counter() - t0)
+            )
             global_step = epoch * total + step
             if step % spec.train.log_every_steps == 0 or step == total:
                 rate = seen / (time.perf_counter() - t0)
@@ -231,20 +270,19 @@ class Trainer:
                 self._stop_position = (epoch, step)
                 break
             if every > 0 and step % every == 0 and step < total:
-                ckpt = load_checkpoint(self.run_dir) or {}
-                self.save(epoch, step, updates, ckpt.get("best", {}), ckpt.get("history", []))
+                self.save(epoch, step, updates)
         progress.close()
         return updates
 
-    def _interrupt(self, epoch: int, updates: int, best: dict, history: list) -> dict[str, Any]:
+    def _interrupt(self, epoch: int, updates: int) -> dict[str, Any]:
         _, step = self._stop_position
-        self.save(epoch, step, updates, best, history)
+        self.save(epoch, step, updates)
         self.tracker.set_tags({"interrupted": "true"})
         self.tracker.finish("KILLED")
         self.acc.print(f"stopped by signal at epoch {epoch + 1} step {step}; checkpoint saved")
         return {"interrupted": True, "epoch": epoch, "step": step}
 
-    def _evaluate(self, epoch: int, updates: int) -> dict[str, Any]:
+    def _evaluate(self, epoch: int) -> dict[str, Any]:
         spec = self.spec
         row: dict[str, Any] = {"epoch": epoch + 1}
         last = epoch + 1 == spec.optim.epochs
@@ -253,34 +291,46 @@ class Trainer:
         self.distiller.eval()
         predict = self.acc.unwrap_model(self.distiller).predict
         for split, index in self.parts.eval_indices.items():
-            loader = build_eval_loader(index, spec.data, self.acc.process_index, self.acc.num_processes)
+            loader = build_eval_loader(
+                index, spec.data, self.acc.process_index, self.acc.num_processes
+            )
             with self.acc.autocast():
-                metrics = evaluate_split(predict, loader, self._prepare)
+                metrics = evaluate_split(predict, loader, self._prepare, self.acc.device)
             for k, v in metrics.items():
                 row[f"{split}/{k}"] = v
         extra = self.parts.method.epoch_metrics()
         row.update({f"method/{k}": v for k, v in extra.items()})
-        self.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, (epoch + 1) * self.steps_per_epoch)
+        self.tracker.log_metrics(
+            {k: v for k, v in row.items() if k != "epoch"}, (epoch + 1) * self.steps_per_epoch
+        )
         if self.acc.is_main_process:
             first = spec.data.eval_splits[0]
             self.acc.print(
                 f"epoch {epoch + 1}/{spec.optim.epochs}: "
-                + " ".join(f"{s}/top1={row.get(f'{s}/top1', float('nan')):.2f}" for s in spec.data.eval_splits)
+                + " ".join(
+                    f"{s}/top1={row.get(f'{s}/top1', float('nan')):.2f}"
+                    for s in spec.data.eval_splits
+                )
                 + f" ({first} ece={row.get(f'{first}/ece', float('nan')):.3f})"
             )
         return row
 
-    def _update_best(self, best: dict, row: dict, epoch: int) -> dict:
+    def _update_best(self, row: dict, epoch: int) -> None:
         key = f"{self.spec.data.eval_splits[0]}/top1"
-        if key in row and row[key] > best.get(key, -1.0):
-            return {**row, "best_epoch": epoch + 1}
-        return best
+        if key in row and row[key] > self.best.get(key, -1.0):
+            self.best = {**row, "best_epoch": epoch + 1}
 
-    def _finish(self, best: dict, history: list, updates: int) -> dict[str, Any]:
-        acc = self.acc
-        last = next((r for r in reversed(history) if len(r) > 1), {})
+    def _finish(self, updates: int) -> dict[str, Any]:
+        acc, best = self.acc, self.best
+        last = next((r for r in reversed(self.history) if len(r) > 1), {})
         first = self.spec.data.eval_splits[0]
+        student = acc.unwrap_model(self.distiller).student
+        # One checksum per process: equal values show the replicas stayed in sync.
+        checksum = float(sum(p.detach().double().sum() for p in student.parameters()))
+        checksums = acc.gather_for_metrics([checksum], use_gather_object=True)
         final = {
+            "world_size": acc.num_processes,
+            "param_checksums": checksums,
             "last": last,
             "best": best,
             "best_top1": best.get(f"{first}/top1"),
@@ -289,7 +339,6 @@ class Trainer:
             "mlflow_run_id": self.tracker.run_id,
         }
         if acc.is_main_process:
-            student = acc.unwrap_model(self.distiller).student
             atomic_save(student.state_dict(), self.run_dir / "student.pt")
             method_state = acc.unwrap_model(self.distiller).method.state_dict()
             if method_state:
