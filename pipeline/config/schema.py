@@ -99,6 +99,7 @@ class TrackingSpec:
     experiment: str = "kd"
     run_name: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
+    parent_run_id: str | None = None  # nest this run under another (the study tool's parent)
 
 
 @dataclass

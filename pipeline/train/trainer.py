@@ -212,6 +212,7 @@ class Trainer:
             params,
             tags,
             resume_run_id=ckpt.get("mlflow_run_id") if ckpt else None,
+            parent_run_id=spec.tracking.parent_run_id,
         )
         if self.acc.is_main_process:
             (self.run_dir / "config.yaml").write_text(self.config_text)
