@@ -234,6 +234,14 @@ class Trainer:
         for raw in loader:
             if step >= total:
                 break
+            if len(raw) == 0:  # every sample of this batch was unreadable (counted by the loader)
+                if acc.num_processes > 1:
+                    raise RuntimeError(
+                        f"epoch {epoch + 1} step {step}: a whole batch was unreadable on process "
+                        f"{acc.process_index}; see the loader's bad-sample report"
+                    )
+                step += 1
+                continue
             batch = self._prepare(raw)
             lr = set_lr(self.optimizer, spec.optim, epoch + step / total)
             with acc.accumulate(self.distiller):
