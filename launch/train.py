@@ -60,6 +60,9 @@ def dry_run_spec(spec: RunSpec, run_dir: str) -> RunSpec:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from pipeline.train.signals import STOP
+
+    STOP.install()
     overrides = list(args.overrides)
     if args.run_dir:
         overrides.append(f"run_dir={args.run_dir}")

@@ -4,19 +4,36 @@ Only the main process logs. The embedded default is ``sqlite:///<cwd>/mlruns.db`
 ``<cwd>/mlartifacts`` (MLflow 3.17's plain file store refuses to run without an opt-in, and its
 default artifact location is relative to the current directory); ``MLFLOW_TRACKING_URI`` or
 ``tracking.uri`` points runs at a server instead. A resumed run continues the same MLflow run.
+
+A tracking outage never stops training: every call (run creation, params, metrics, tags, artifacts,
+status) that fails is kept in memory and appended to ``<run_dir>/mlflow_buffer.jsonl``
+(``pipeline.track.buffer``), with one warning per outage. While the server is down, calls go
+straight to the buffer and the server is tried again every ``retry_after_s``; what it missed is
+sent later by ``python tools/mlflow_resend.py <run_dir>``.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import time
-import warnings
+import uuid
 from pathlib import Path
 from typing import Any
 
 from pipeline.config.schema import TrackingSpec
+from pipeline.track.buffer import (
+    BUFFER_NAME,
+    PENDING,
+    OutageBuffer,
+    apply_record,
+    experiment_id,
+    fail_fast_http,
+    load_ids,
+)
 
+log = logging.getLogger(__name__)
 
 def default_uri() -> str:
     return f"sqlite:///{Path.cwd().resolve() / 'mlruns.db'}"
@@ -49,36 +66,92 @@ def git_commit() -> str:
         return "unknown"
 
 
-class Tracker:
-    """A thin wrapper over ``MlflowClient`` for one run; every call is a no-op when disabled."""
+def now_ms() -> int:
+    return int(time.time() * 1000)
 
-    def __init__(self, spec: TrackingSpec, enabled: bool) -> None:
+
+class Tracker:
+    """A thin wrapper over ``MlflowClient`` for one run; every call is a no-op when disabled.
+
+    ``run_dir`` holds the outage buffer; when omitted it is taken from the ``run_dir`` tag given
+    to :meth:`start` (the trainer sets it), else the buffer lives in memory only.
+    """
+
+    def __init__(
+        self,
+        spec: TrackingSpec,
+        enabled: bool,
+        run_dir: Path | None = None,
+        retry_after_s: float = 60.0,
+    ) -> None:
         self.spec = spec
         self.enabled = enabled and spec.enabled
         self.run_id: str | None = None
         self.client = None
+        self.run_dir = run_dir
+        self.retry_after_s = retry_after_s
+        self.buffer = OutageBuffer(None)
+        self.outages = 0
+        self._offline_until: float | None = None  # monotonic time of the next try while offline
         if self.enabled:
             from mlflow.tracking import MlflowClient
 
             self.uri = resolve_uri(spec)
+            if self.uri.startswith(("http://", "https://")):
+                fail_fast_http()
             self.client = MlflowClient(tracking_uri=self.uri)
 
-    def _experiment_id(self) -> str:
-        assert self.client is not None
-        exp = self.client.get_experiment_by_name(self.spec.experiment)
-        if exp is not None:
-            return exp.experiment_id
-        location = None
-        if not self.uri.startswith(("http://", "https://", "databricks")):
-            folder = Path(self.spec.artifact_dir or Path.cwd() / "mlartifacts").resolve()
-            location = folder.as_uri()
+    # -- outage handling ----------------------------------------------------------------------
+    @property
+    def offline(self) -> bool:
+        return self._offline_until is not None
+
+    def _resend_hint(self) -> str:
+        where = self.run_dir if self.run_dir is not None else "<run_dir>"
+        return f"python tools/mlflow_resend.py {where}"
+
+    def _go_offline(self, op: str, err: Exception) -> None:
+        self._offline_until = time.monotonic() + self.retry_after_s
+        self.outages += 1
+        kept = self.buffer.path or "memory only: no run directory"
+        log.warning(
+            "WARNING: MLflow at %s failed (%s: %s; during %s). Training continues; tracking calls "
+            "are kept in %s and the server is retried every %.0f s. Once it is back, send what it "
+            "missed with: %s",
+            self.uri, type(err).__name__, str(err).splitlines()[0][:300] if str(err) else "",
+            op, kept, self.retry_after_s, self._resend_hint(),
+        )
+
+    def _send(self, op: str, **payload: Any) -> None:
+        """Send one call, or buffer it when the server fails (or is known to be down)."""
+        assert self.run_id is not None
+        record = {"op": op, "uri": self.uri, "run_id": self.run_id, **payload}
+        pending = self.run_id.startswith(PENDING)
+        if pending or (self.offline and time.monotonic() < self._offline_until):  # type: ignore[operator]
+            self.buffer.add(record)
+            return
         try:
-            return self.client.create_experiment(self.spec.experiment, artifact_location=location)
-        except Exception:  # created meanwhile by another run: use it
-            exp = self.client.get_experiment_by_name(self.spec.experiment)
-            if exp is None:
-                raise
-            return exp.experiment_id
+            apply_record(self.client, record, {})
+        except Exception as err:  # an outage must not stop training: keep the call for later
+            if not self.offline:
+                self._go_offline(op, err)
+            else:
+                self._offline_until = time.monotonic() + self.retry_after_s
+            self.buffer.add(record)
+            return
+        if self.offline:
+            self._offline_until = None
+            log.warning(
+                "MLflow at %s answers again; %d earlier call(s) stay in %s until: %s",
+                self.uri, len(self.buffer), self.buffer.path, self._resend_hint(),
+            )
+
+    # -- the run ------------------------------------------------------------------------------
+    def _artifact_location(self) -> str | None:
+        if self.uri.startswith(("http://", "https://", "databricks")):
+            return None
+        folder = Path(self.spec.artifact_dir or Path.cwd() / "mlartifacts").resolve()
+        return folder.as_uri()
 
     def start(
         self,
@@ -88,48 +161,69 @@ class Tracker:
         resume_run_id: str | None = None,
         parent_run_id: str | None = None,
     ) -> str | None:
-        """Start (or resume) the run; returns its id."""
+        """Start (or resume) the run; returns its id (``pending-…`` if the server was down)."""
         if not self.enabled:
             return None
         assert self.client is not None
+        if self.run_dir is None and tags.get("run_dir"):
+            self.run_dir = Path(tags["run_dir"])
+        if self.run_dir is not None:
+            self.buffer = OutageBuffer(self.run_dir / BUFFER_NAME)
         if resume_run_id:
+            if resume_run_id.startswith(PENDING) and self.run_dir is not None:
+                resume_run_id = load_ids(self.run_dir).get(resume_run_id, resume_run_id)
             self.run_id = resume_run_id
-            self.client.update_run(resume_run_id, status="RUNNING")
-            self.client.set_tag(resume_run_id, "resumed", "true")
+            if resume_run_id.startswith(PENDING):
+                log.warning(
+                    "WARNING: MLflow run %s was never created (the server was down when it "
+                    "started); its calls go to %s until: %s",
+                    resume_run_id, self.buffer.path, self._resend_hint(),
+                )
+            self._send("status", status="RUNNING")
+            self._send("tags", tags={"resumed": "true"})
             return self.run_id
         all_tags = {"git_commit": git_commit(), **self.spec.tags, **tags}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
-        run = self.client.create_run(self._experiment_id(), run_name=run_name, tags=all_tags)
-        self.run_id = run.info.run_id
-        from mlflow.entities import Param
-
-        items = [Param(k, v) for k, v in flatten(params).items()]
-        for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i : i + 100])
+        start_time = now_ms()
+        try:
+            exp = experiment_id(self.client, self.spec.experiment, self._artifact_location())
+            run = self.client.create_run(
+                exp, start_time=start_time, tags=all_tags, run_name=run_name
+            )
+            self.run_id = run.info.run_id
+        except Exception as err:  # created later by tools/mlflow_resend.py
+            self._go_offline("create_run", err)
+            self.run_id = f"{PENDING}{uuid.uuid4().hex}"
+            self.buffer.add({
+                "op": "create_run", "uri": self.uri, "run_id": self.run_id,
+                "experiment": self.spec.experiment, "run_name": run_name, "tags": all_tags,
+                "start_time": start_time, "artifact_location": self._artifact_location(),
+            })
+        self._send("params", params=flatten(params))
         return self.run_id
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if not self.enabled or self.run_id is None:
             return
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        try:
-            self.client.log_batch(self.run_id, metrics=items)  # type: ignore[union-attr]
-        except Exception as err:  # a tracking outage must not kill training
-            warnings.warn(f"MLflow could not log metrics at step {step}: {err}", stacklevel=2)
+        now = now_ms()
+        self._send("metrics", metrics=[[k, float(v), now, int(step)] for k, v in metrics.items()])
 
     def set_tags(self, tags: dict[str, str]) -> None:
         if self.enabled and self.run_id:
-            for k, v in tags.items():
-                self.client.set_tag(self.run_id, k, v)  # type: ignore[union-attr]
+            self._send("tags", tags={k: str(v) for k, v in tags.items()})
 
-    def log_artifact(self, path: Path) -> None:
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         if self.enabled and self.run_id and path.exists():
-            self.client.log_artifact(self.run_id, str(path))  # type: ignore[union-attr]
+            self._send("artifact", path=str(Path(path).resolve()), artifact_path=artifact_path)
 
     def finish(self, status: str = "FINISHED") -> None:
-        if self.enabled and self.run_id:
-            self.client.set_terminated(self.run_id, status=status)  # type: ignore[union-attr]
+        if not (self.enabled and self.run_id):
+            return
+        self._send("terminated", status=status, end_time=now_ms())
+        if len(self.buffer):
+            log.warning(
+                "WARNING: %d MLflow call(s) of run %s were not delivered (%d outage(s)); they are "
+                "in %s; send them with: %s",
+                len(self.buffer), self.run_id, self.outages, self.buffer.path, self._resend_hint(),
+            )

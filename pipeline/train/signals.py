@@ -27,6 +27,8 @@ class StopFlag:
         self._local = True
 
     def install(self) -> None:
+        if self._previous:  # already installed (launch/train.py installs it before building)
+            return
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -37,6 +39,7 @@ class StopFlag:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)  # type: ignore[arg-type]
         self._previous.clear()
+        self._local = self.requested = False
 
     def check(self) -> bool:
         """True on every process once any process was signalled."""
@@ -49,3 +52,8 @@ class StopFlag:
             flag = bool(t.item() > 0)
         self.requested = flag
         return flag
+
+
+# One flag per process: launch/train.py installs it first thing, so a signal that arrives while
+# the run is still being built is honoured at the first step boundary instead of killing it.
+STOP = StopFlag()

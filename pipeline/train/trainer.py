@@ -36,7 +36,7 @@ from pipeline.train.distiller import Distiller
 from pipeline.train.optim import build_optimizer
 from pipeline.train.progress import Progress
 from pipeline.train.schedule import set_lr
-from pipeline.train.signals import StopFlag
+from pipeline.train.signals import STOP
 from pipeline.types import Batch
 
 
@@ -96,7 +96,7 @@ class Trainer:
         self.teacher = self.parts.teacher.to(acc.device) if self.parts.teacher is not None else None
         self.tracker = Tracker(spec.tracking, enabled=acc.is_main_process)
         self.config_text = config_text
-        self.stop = StopFlag()
+        self.stop = STOP
         self.best: dict[str, Any] = {}
         self.history: list[dict[str, Any]] = []
 
