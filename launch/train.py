@@ -75,17 +75,20 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.train.signals import EXIT_REQUEUE
     from pipeline.train.trainer import Trainer
 
-    if args.dry_run:
-        with tempfile.TemporaryDirectory(prefix="dry-run-") as tmp:
-            spec = dry_run_spec(spec, tmp)
-            trainer = Trainer(spec, load_teacher=False, config_text=dump_config(spec))
-            result = trainer.fit()
-            trainer.acc.print(
-                f"dry run of {args.cfg}: ok ({trainer.acc.num_processes} process(es))"
-            )
-            trainer.acc.end_training()
-        return 0
-    trainer = Trainer(spec, config_text=dump_config(spec))
+    try:
+        if args.dry_run:
+            with tempfile.TemporaryDirectory(prefix="dry-run-") as tmp:
+                spec = dry_run_spec(spec, tmp)
+                trainer = Trainer(spec, load_teacher=False, config_text=dump_config(spec))
+                trainer.fit()
+                n = trainer.acc.num_processes
+                trainer.acc.print(f"dry run of {args.cfg}: ok ({n} process(es))")
+                trainer.acc.end_training()
+            return 0
+        trainer = Trainer(spec, config_text=dump_config(spec))
+    except ConfigError as err:  # found while building: a refused cache, a missing split ...
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
     result = trainer.fit()
     trainer.acc.end_training()
     if result.get("interrupted"):

@@ -54,7 +54,9 @@ def build_parts(
     teacher, teacher_info, teacher_dim = None, {}, None
     needs = cls.requirements(opts)
     if spec.teacher is not None and spec.teacher.arch and needs["needs_teacher"]:
-        teacher, teacher_info = build_teacher_source(spec, needs, num_classes, load_teacher)
+        teacher, teacher_info = build_teacher_source(
+            spec, needs, num_classes, load_teacher, train_index
+        )
         teacher_dim = teacher.embedding_dim
 
     ctx = MethodContext(
@@ -68,14 +70,17 @@ def build_parts(
     return RunParts(train_index, eval_indices, num_classes, student, teacher, teacher_info, method)
 
 
-def build_teacher_source(spec: RunSpec, needs: dict[str, Any], num_classes: int, load: bool):
+def build_teacher_source(
+    spec: RunSpec, needs: dict[str, Any], num_classes: int, load: bool, index: DatasetIndex
+):
     """The online teacher (the network) or, with ``teacher.source: cached``, the cache reader."""
     assert spec.teacher is not None
     fields = tuple(needs["teacher_fields"])
     if spec.teacher.source == "cached":
         from pipeline.teacher.cached import open_cached_teacher
 
-        return open_cached_teacher(spec, fields, num_classes), {}
+        cached = open_cached_teacher(spec, fields, num_classes, index=index, preact=needs["preact"])
+        return cached, {}
     from pipeline.teacher.online import OnlineTeacher, build_teacher_model
 
     model, info = build_teacher_model(spec.teacher, num_classes, load=load)

@@ -16,10 +16,13 @@ class Progress:
                 dynamic_ncols=True, file=sys.stderr, mininterval=1.0,
             )
 
-    def update(self, terms: dict[str, float], images_per_s: float) -> None:
+    def update(self, terms: dict[str, float] | None, images_per_s: float) -> None:
+        """Advance one step; new loss values and speed only on log steps (``terms`` not None)."""
         if self.bar is None:
             return
         self.bar.update(1)
+        if terms is None:
+            return
         shown = {k: f"{v:.3f}" for k, v in terms.items()}
         shown["img/s"] = f"{images_per_s:.0f}"
         self.bar.set_postfix(shown, refresh=False)
