@@ -12,6 +12,20 @@ from pipeline.models.base import Net, build_model
 
 
 @dataclass
+class RunData:
+    train_index: DatasetIndex
+    eval_indices: dict[str, DatasetIndex]
+    num_classes: int
+
+
+def build_data(spec: RunSpec) -> RunData:
+    """The dataset indices of the training split and every evaluation split."""
+    train_index = build_index(spec.data, spec.data.train_split)
+    eval_indices = {s: build_index(spec.data, s) for s in spec.data.eval_splits}
+    return RunData(train_index, eval_indices, spec.data.num_classes or len(train_index.classes))
+
+
+@dataclass
 class RunParts:
     train_index: DatasetIndex
     eval_indices: dict[str, DatasetIndex]
@@ -37,11 +51,14 @@ def method_options(spec: RunSpec) -> Any:
 
 
 def build_parts(
-    spec: RunSpec, steps_per_epoch: int | None = None, load_teacher: bool = True
+    spec: RunSpec,
+    steps_per_epoch: int | None = None,
+    load_teacher: bool = True,
+    data: RunData | None = None,
 ) -> RunParts:
-    train_index = build_index(spec.data, spec.data.train_split)
-    eval_indices = {s: build_index(spec.data, s) for s in spec.data.eval_splits}
-    num_classes = spec.data.num_classes or len(train_index.classes)
+    """Student, teacher source and method (and the data indices, unless ``data`` has them)."""
+    data = data or build_data(spec)
+    train_index, eval_indices, num_classes = data.train_index, data.eval_indices, data.num_classes
 
     student = build_model(spec.model.arch, num_classes)
     if spec.model.weights:

@@ -24,7 +24,7 @@ from pipeline.distill.compose import mark_rank_local_buffers
 from pipeline.evaluate.loop import evaluate_split
 from pipeline.teacher.online import teacher_run_id
 from pipeline.track.mlflow_tracker import Tracker
-from pipeline.train.build import build_parts
+from pipeline.train.build import build_data, build_parts
 from pipeline.train.checkpoint import (
     atomic_save,
     checkpoint_path,
@@ -54,10 +54,11 @@ def share_cpu_threads(local_processes: int) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_processes, 1)))
 
 
-def make_accelerator(spec: RunSpec, find_unused: bool) -> Accelerator:
+def make_accelerator(spec: RunSpec, ddp: DistributedDataParallelKwargs) -> Accelerator:
+    """``ddp`` is read by ``prepare``, so its fields may still be set after this returns."""
     cpu = spec.train.cpu or not torch.cuda.is_available()
     handlers = [
-        DistributedDataParallelKwargs(find_unused_parameters=find_unused),
+        ddp,
         InitProcessGroupKwargs(timeout=timedelta(seconds=spec.train.dist_timeout_s)),
     ]
     return Accelerator(
@@ -75,17 +76,20 @@ class Trainer:
         set_seed(spec.seed)
         if spec.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
-        # The epoch-0 loader fixes the number of steps every process runs per epoch.
-        self.parts = build_parts(spec, load_teacher=load_teacher)
-        acc = make_accelerator(spec, find_unused=any(True for _ in self.parts.method.parameters()))
+        data = build_data(spec)
+        ddp = DistributedDataParallelKwargs()
+        acc = make_accelerator(spec, ddp)
         self.acc = acc
         if acc.device.type == "cpu":
             share_cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes)))
         self.plan = AugPlan.from_spec(spec.data, spec.seed)
-        self.steps_per_epoch = self._steps(len(self._train_loader(0, 0)))
-        self.parts.method.ctx = type(self.parts.method.ctx)(
-            **{**asdict(self.parts.method.ctx), "steps_per_epoch": self.steps_per_epoch}
-        )
+        # The epoch-0 loader fixes the number of steps every process runs per epoch.
+        n_steps = len(build_train_loader(data.train_index, spec.data, self.plan, 0, spec.seed,
+                                         acc.process_index, acc.num_processes, 0))
+        self.steps_per_epoch = self._steps(n_steps)
+        self.parts = build_parts(spec, self.steps_per_epoch, load_teacher, data)
+        # Parts of a method unused in some steps (CID's classifier during warm-up) need this.
+        ddp.find_unused_parameters = any(True for _ in self.parts.method.parameters())
         if spec.train.channels_last:
             self.parts.student.to(memory_format=torch.channels_last)
         distiller = Distiller(self.parts.student, self.parts.method)
