@@ -51,6 +51,24 @@ def test_two_processes_gloo(demo_root: Path, teacher_ckpt: Path, tmp_path: Path)
     assert a == b, "the two replicas diverged"
 
 
+def test_cid_two_processes_share_centres(demo_root: Path, teacher_ckpt: Path,
+                                         tmp_path: Path) -> None:
+    """CID under two gloo processes: centres summed across processes agree on both ranks."""
+    run_dir = tmp_path / "run"
+    cmd = [PY, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           *train_cmd("configs/demo/cid.yaml", *_kd(demo_root, teacher_ckpt),
+                      "optim.epochs=3", "method.warmup_epochs=1", run_dir=run_dir)[1:]]
+    out = subprocess.run(cmd, cwd=ROOT, env=run_env(ACCELERATE_USE_CPU="true"),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["world_size"] == 2
+    assert len(set(metrics["param_checksums"])) == 1
+    a, b = metrics["method_state_checksums"]
+    assert a == b and a != 0.0, "the class centres differ between the processes"
+
+
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(run_dir / "student.pt", weights_only=True)
 

@@ -343,12 +343,18 @@ class Trainer:
         last = next((r for r in reversed(self.history) if len(r) > 1), {})
         first = self.spec.data.eval_splits[0]
         student = acc.unwrap_model(self.distiller).student
-        # One checksum per process: equal values show the replicas stayed in sync.
+        method = acc.unwrap_model(self.distiller).method
+        # Checksums per process: equal values show the replicas stayed in sync. DDP keeps the
+        # parameters equal by itself; the method's state (CID's centres) must agree by design.
         checksum = float(sum(p.detach().double().sum() for p in student.parameters()))
+        method_sum = float(sum(t.detach().double().sum() for t in method.state_dict().values()
+                               if t.is_floating_point()))
         checksums = acc.gather_for_metrics([checksum], use_gather_object=True)
+        method_checksums = acc.gather_for_metrics([method_sum], use_gather_object=True)
         final = {
             "world_size": acc.num_processes,
             "param_checksums": checksums,
+            "method_state_checksums": method_checksums,
             "last": last,
             "best": best,
             "best_top1": best.get(f"{first}/top1"),
