@@ -55,6 +55,15 @@ def dry_run_spec(spec: RunSpec, run_dir: str) -> RunSpec:
     spec.run_dir = run_dir
     if spec.teacher is not None:
         spec.teacher.source = "online"
+    # One epoch leaves no room for a method's warm-up (IPWD and CID refuse warmup >= epochs):
+    # set explicit warm-ups to 0, so the dry run also takes the method's main path.
+    opts = getattr(spec, "method_options", None)
+    for o in [opts, *getattr(opts, "terms", {}).values()]:
+        if getattr(o, "warmup_epochs", 0) > 0:
+            o.warmup_epochs = 0
+    from pipeline.data.coss_sampler import dry_run_sampler
+
+    dry_run_sampler(d, run_dir)  # CoSS batches: random neighbour lists for the synthetic samples
     return spec
 
 

@@ -69,6 +69,20 @@ def test_cid_two_processes_share_centres(demo_root: Path, teacher_ckpt: Path,
     assert a == b and a != 0.0, "the class centres differ between the processes"
 
 
+def test_coss_two_processes(demo_root: Path, teacher_ckpt: Path, tmp_path: Path) -> None:
+    """CoSS never uses the student's classifier: DDP must not wait for its gradient."""
+    run_dir = tmp_path / "run"
+    cmd = [PY, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           *train_cmd("configs/demo/coss.yaml", *_kd(demo_root, teacher_ckpt), "data.coss_k=0",
+                      "optim.epochs=1", run_dir=run_dir)[1:]]
+    out = subprocess.run(cmd, cwd=ROOT, env=run_env(ACCELERATE_USE_CPU="true"),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and len(set(metrics["param_checksums"])) == 1
+
+
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(run_dir / "student.pt", weights_only=True)
 

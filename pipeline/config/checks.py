@@ -34,6 +34,16 @@ def check_values(spec: RunSpec, method_cls: Any, root: str) -> None:
     for key, values in (("data.mean", data.mean), ("data.std", data.std)):
         if len(values) != 3:
             fail(key, f"expected 3 values (one per RGB channel), found {len(values)}", root)
+    if data.sampler == "coss":  # CoSS nearest-neighbour batches (pipeline/data/coss_sampler.py)
+        if not 0 <= data.coss_k <= data.coss_m:
+            fail("data.coss_k", f"expected 0 <= coss_k <= coss_m = {data.coss_m}, found "
+                 f"{data.coss_k}", root)
+        if data.batch_size % (1 + data.coss_k):
+            fail("data.batch_size", f"expected a multiple of 1 + data.coss_k = {1 + data.coss_k} "
+                 f"(anchors × (1 + k) images), found {data.batch_size}", root)
+        if data.coss_k > 0 and not data.neighbours:
+            fail("data.neighbours", "required when data.sampler is 'coss' and coss_k > 0 (a "
+                 "file written by launch/neighbours.py), found null", root)
     milestones = optim.milestones
     if any(b <= a for a, b in zip(milestones, milestones[1:], strict=False)):
         fail("optim.milestones", f"expected increasing epochs, found {milestones}", root)
@@ -48,7 +58,11 @@ def check_values(spec: RunSpec, method_cls: Any, root: str) -> None:
 
 
 def check_files(spec: RunSpec, root: str) -> None:
-    """Data root and weight files must exist; relative paths resolve against the cwd."""
+    """Data root and weight files must exist; relative paths resolve against the cwd.
+
+    ``data.neighbours`` is not checked here: launch/cache_teacher.py and launch/neighbours.py
+    load the config before that file exists; the training loader checks it when it opens it.
+    """
     if spec.data.dataset != "synthetic":
         _must_exist("data.root", spec.data.root, root, directory=True)
     weights = [("model.weights", spec.model.weights)]

@@ -32,8 +32,23 @@ class DataSpec:
     workers: int = 2
     # Augmentation views per sample: epoch e uses view e mod views; 0 means a fresh view each epoch.
     views: int = 0
+    # Training batch order (pipeline/data/coss_sampler.py): default = shuffled samples; coss =
+    # CoSS nearest-neighbour batches (spec §4.3): batch_size/(1+coss_k) anchors per process and
+    # step, each followed by coss_k neighbours drawn without replacement from its top coss_m in
+    # the ``neighbours`` file (launch/neighbours.py). coss_k = 0: plain shuffled batches.
+    sampler: Literal["default", "coss"] = "default"
+    coss_k: int = 15  # nearest_k of the official CFBatchSampler
+    coss_m: int = 31  # total_k
+    neighbours: str | None = None  # <teacher cache>/neighbours_top<N>.npy
     num_classes: int = 0  # 0: take it from the dataset index
     synthetic_size: int = 256  # samples per split for dataset: synthetic
+    # backend: dali — decode on the GPU when CUDA is present (auto), or force gpu / cpu.
+    dali_device: Literal["auto", "gpu", "cpu"] = "auto"
+    # backend: ffcv — folder of <split>.beton files (tools/write_ffcv.py); "": <root>/ffcv.
+    ffcv_dir: str = ""
+    # backend: ffcv — FFCV's own RandomResizedCrop + flip instead of the plan (training only):
+    # not reproducible, and batches do not match a teacher cache.
+    ffcv_random_crop: bool = False
 
 
 @dataclass

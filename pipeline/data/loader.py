@@ -7,7 +7,9 @@ the p-th ``batch_size`` slice of each. Every process gets the same number of FUL
 the permutation are left out of this epoch (drop_last); if N is smaller than one global batch,
 the permutation is repeated to fill exactly one step. Every sample in epoch e uses the
 augmentation view ``view_for_epoch(e, views)``. ``start_step`` skips batches without loading
-them, so a resumed epoch yields exactly the batches it had left.
+them, so a resumed epoch yields exactly the batches it had left. ``data.sampler: coss`` swaps
+``train_order`` for the CoSS nearest-neighbour order (``coss_sampler.order_function``, same
+signature and role); a backend that batches by its own code should take its order from there too.
 
 Evaluation order (``eval_order``): samples 0..N-1 in order, padded with index -1 to
 ``steps·num_processes·eval_batch_size``, where steps = ceil(N / (num_processes·eval_batch_size)),
@@ -236,7 +238,10 @@ def build_train_loader(
     start_step: int = 0,
 ) -> TrainLoader:
     """The training batches of ``epoch`` for process ``process_index`` of ``num_processes``."""
-    order = train_order(len(index), spec.batch_size, seed, epoch, process_index, num_processes)
+    from pipeline.data.coss_sampler import order_function  # it imports this module
+
+    order_fn = order_function(spec, len(index))  # train_order unless data.sampler says otherwise
+    order = order_fn(len(index), spec.batch_size, seed, epoch, process_index, num_processes)
     dataset = IndexDataset(index, plan, EvalTransform.from_spec(spec))
     view = view_for_epoch(epoch, spec.views)
     return TrainLoader(dataset, order, epoch, view, start_step, spec.workers)

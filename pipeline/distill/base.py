@@ -37,6 +37,9 @@ class Method(nn.Module):
     teacher_fields: ClassVar[tuple[str, ...]] = ("logits",)
     # Whether the student must return stage feature maps, and pre- or post-activation.
     student_feats: ClassVar[bool] = False
+    # False when the loss never reaches the student's classifier (CoSS): DDP must then be told
+    # that some parameters get no gradient.
+    uses_student_logits: ClassVar[bool] = True
     preact: ClassVar[bool] = False
 
     @classmethod

@@ -173,6 +173,7 @@ class Compose(Method):
         self.needs_teacher = needs["needs_teacher"]
         self.student_feats = needs["student_feats"]
         self.preact = needs["preact"]
+        self.uses_student_logits = any(m.uses_student_logits for m in self.terms.values())
         parts = self._parts()
         evaluators = [(n, m) for n, m in parts if overrides_eval_logits(m)]
         if len(evaluators) > 1:

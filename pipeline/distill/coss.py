@@ -101,6 +101,7 @@ class CoSS(Method):
     Options = CoSSOptions
     needs_teacher = True
     teacher_fields = ("embedding",)
+    uses_student_logits = False  # label-free: the classifier gets no gradient
 
     def __init__(self, opts: CoSSOptions, ctx: MethodContext) -> None:
         super().__init__(opts, ctx)

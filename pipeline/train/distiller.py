@@ -6,7 +6,7 @@ from torch import Tensor, nn
 
 from pipeline.distill.base import Method
 from pipeline.models.base import Net
-from pipeline.types import Batch, ModelOutput, TeacherOutput
+from pipeline.types import Batch, TeacherOutput
 
 
 class Distiller(nn.Module):
@@ -17,9 +17,12 @@ class Distiller(nn.Module):
 
     def forward(  # type: ignore[override]
         self, images: Tensor, teacher: TeacherOutput | None, batch: Batch
-    ) -> tuple[ModelOutput, dict[str, Tensor]]:
+    ) -> dict[str, Tensor]:
+        """Only the loss terms leave: DDP searches the outputs for the tensors whose graph it
+        walks, and an output that no loss uses (the logits under CoSS) would make it wait
+        forever for the classifier's gradient."""
         out = self.student(images, feats=self.method.student_feats, preact=self.method.preact)
-        return out, self.method(out, teacher, batch)
+        return self.method(out, teacher, batch)
 
     def predict(self, images: Tensor) -> Tensor:
         out = self.student(images)

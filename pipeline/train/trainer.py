@@ -88,8 +88,12 @@ class Trainer:
                                          acc.process_index, acc.num_processes, 0))
         self.steps_per_epoch = self._steps(n_steps)
         self.parts = build_parts(spec, self.steps_per_epoch, load_teacher, data)
-        # Parts of a method unused in some steps (CID's classifier during warm-up) need this.
-        ddp.find_unused_parameters = any(True for _ in self.parts.method.parameters())
+        # Parameters without a gradient in some steps (CID's classifier during warm-up, the
+        # student's classifier under CoSS) make DDP wait for them unless it is told.
+        method = self.parts.method
+        ddp.find_unused_parameters = (
+            any(True for _ in method.parameters()) or not method.uses_student_logits
+        )
         if spec.train.channels_last:
             self.parts.student.to(memory_format=torch.channels_last)
         distiller = Distiller(self.parts.student, self.parts.method)
@@ -254,7 +258,7 @@ class Trainer:
                     with acc.autocast():  # the CPU batch: a cache looks rows up without a sync
                         teacher_out = self.teacher(raw, batch.images)
                 with acc.autocast():
-                    _, losses = self.distiller(batch.images, teacher_out, batch)
+                    losses = self.distiller(batch.images, teacher_out, batch)
                     loss = sum(losses.values())
                 acc.backward(loss)
                 if acc.sync_gradients and spec.optim.clip_grad_norm > 0:
