@@ -16,6 +16,7 @@ from torch import Tensor
 
 from pipeline.distill.base import METHODS, Method
 from pipeline.distill.losses import cross_entropy, kd_loss
+from pipeline.distill.options import check_temperature, check_weights
 from pipeline.types import Batch, ModelOutput, TeacherOutput
 
 
@@ -28,12 +29,8 @@ class KDOptions:
     kd_weight: float = 0.9
 
     def __post_init__(self) -> None:
-        # The config loader reports a ValueError here as "<file>: method: <message>".
-        if not self.T > 0:
-            raise ValueError(f"T: expected a temperature > 0, found {self.T}")
-        for key in ("ce_weight", "kd_weight"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"{key}: expected a weight >= 0, found {getattr(self, key)}")
+        check_temperature(self.T)
+        check_weights(self, "ce_weight", "kd_weight")
 
 
 @METHODS.register("kd")

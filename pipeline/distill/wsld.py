@@ -42,6 +42,7 @@ from torch import Tensor
 
 from pipeline.distill.base import METHODS, Method
 from pipeline.distill.losses import cross_entropy
+from pipeline.distill.options import check_temperature, check_weights
 from pipeline.types import Batch, ModelOutput, TeacherOutput
 
 RATIO_EPS = 1e-7  # the code's ε in CE_s / (CE_t + ε)
@@ -88,12 +89,8 @@ class WSLDOptions:
     ce_weight: float = 1.0
 
     def __post_init__(self) -> None:
-        # The config loader reports a ValueError here as "<file>: method: <message>".
-        if not self.T > 0:
-            raise ValueError(f"T: expected a temperature > 0, found {self.T}")
-        for key in ("alpha", "ce_weight"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"{key}: expected a weight >= 0, found {getattr(self, key)}")
+        check_temperature(self.T)
+        check_weights(self, "alpha", "ce_weight")
 
 
 @METHODS.register("wsld")
