@@ -388,3 +388,12 @@ def test_defaults_alone_are_a_valid_spec() -> None:
     assert to_dataclass(RunSpec, {}, "", "x.yaml") == RunSpec()
     with pytest.raises(ConfigError, match=r"^x\.yaml: data\.eval_splits\[1\]: expected str"):
         to_dataclass(RunSpec, {"data": {"eval_splits": ["val", 3]}}, "", "x.yaml")
+
+
+def test_backend_without_its_loader_is_refused(cwd: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipeline.config.checks as checks
+
+    monkeypatch.setattr(checks, "_backend_available", lambda: False)
+    cfg = write(cwd, "a.yaml", GOOD)
+    msg = error_of(cfg, ["data.backend=dali"])
+    assert "data.backend" in msg and "'dali' loader is not in this version" in msg
