@@ -9,11 +9,15 @@ STAMP := $(VENV)/.installed
 setup: $(STAMP)
 
 # Idempotent: re-runs only when the pinned requirements or the package metadata change.
-$(STAMP): requirements.lock requirements-dev.txt setup.cfg pyproject.toml
+$(STAMP): requirements.lock requirements-dev.txt requirements-extras.txt setup.cfg pyproject.toml
 	@command -v apt-get >/dev/null && [ -x tools/apt-packages.sh ] && tools/apt-packages.sh || true
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.lock -r requirements-dev.txt
+	@# The optional loaders (data.backend: dali | ffcv). ffcv compiles against the apt packages
+	@# above; without them the pipeline still works with torchvision and their tests skip.
+	$(PY) -m pip install -q -c requirements.lock -r requirements-extras.txt \
+	  || echo "WARNING: DALI/FFCV not installed (see requirements-extras.txt); their tests skip"
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

@@ -390,10 +390,10 @@ def test_defaults_alone_are_a_valid_spec() -> None:
         to_dataclass(RunSpec, {"data": {"eval_splits": ["val", 3]}}, "", "x.yaml")
 
 
-def test_backend_without_its_loader_is_refused(cwd: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import pipeline.config.checks as checks
-
-    monkeypatch.setattr(checks, "_backend_available", lambda: False)
+def test_ffcv_random_crop_is_refused_with_a_teacher_cache(cwd: Path) -> None:
     cfg = write(cwd, "a.yaml", GOOD)
-    msg = error_of(cfg, ["data.backend=dali"])
-    assert "data.backend" in msg and "'dali' loader is not in this version" in msg
+    over = ["data.backend=ffcv", "data.ffcv_random_crop=true", "teacher.source=cached",
+            "teacher.cache_dir=c"]
+    assert error_of(cfg, over).startswith(
+        "--set: data.ffcv_random_crop: expected false when teacher.source is 'cached'")
+    assert load_config(cfg, over[:2]).data.ffcv_random_crop

@@ -8,7 +8,7 @@
 # still builds the venv (the tests that need these binaries then skip and say why).
 set -euo pipefail
 
-PACKAGES=(slurmctld slurmd slurm-client munge shellcheck)
+PACKAGES=(slurmctld slurmd slurm-client munge shellcheck libturbojpeg0-dev libopencv-dev pkg-config)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

@@ -34,9 +34,6 @@ def check_values(spec: RunSpec, method_cls: Any, root: str) -> None:
     for key, values in (("data.mean", data.mean), ("data.std", data.std)):
         if len(values) != 3:
             fail(key, f"expected 3 values (one per RGB channel), found {len(values)}", root)
-    if data.backend != "torchvision" and not _backend_available():
-        fail("data.backend", f"the {data.backend!r} loader is not in this version yet (issue 5); "
-             "use 'torchvision'", root)
     if data.sampler == "coss":  # CoSS nearest-neighbour batches (pipeline/data/coss_sampler.py)
         if not 0 <= data.coss_k <= data.coss_m:
             fail("data.coss_k", f"expected 0 <= coss_k <= coss_m = {data.coss_m}, found "
@@ -58,6 +55,9 @@ def check_values(spec: RunSpec, method_cls: Any, root: str) -> None:
         )
     if teacher is not None and teacher.source == "cached" and not teacher.cache_dir:
         fail("teacher.cache_dir", "required when teacher.source is 'cached', found null", root)
+    if teacher is not None and teacher.source == "cached" and data.ffcv_random_crop:
+        fail("data.ffcv_random_crop", "expected false when teacher.source is 'cached': FFCV's own "
+             "random crops are not the plan's views that the cache describes", root)
 
 
 def check_files(spec: RunSpec, root: str) -> None:
@@ -86,9 +86,3 @@ def _must_exist(key: str, value: str, root: str, *, directory: bool) -> None:
         relative = "" if path.is_absolute() else " (relative paths resolve against the cwd)"
         fail(key, f"{kind} {found}: {absolute}{relative}", root)
 
-
-def _backend_available() -> bool:
-    """Whether the DALI/FFCV dispatch (pipeline/data/backends.py) is part of this checkout."""
-    import importlib.util
-
-    return importlib.util.find_spec("pipeline.data.backends") is not None

@@ -24,6 +24,7 @@ from pipeline.distill.compose import mark_rank_local_buffers
 from pipeline.evaluate.loop import evaluate_split
 from pipeline.teacher.online import teacher_run_id
 from pipeline.track.mlflow_tracker import Tracker
+from pipeline.train.bad_samples import BadSampleReport
 from pipeline.train.build import build_data, build_parts
 from pipeline.train.checkpoint import (
     atomic_save,
@@ -107,6 +108,7 @@ class Trainer:
         self.stop = STOP
         self.best: dict[str, Any] = {}
         self.history: list[dict[str, Any]] = []
+        self.bad_report = BadSampleReport(self.run_dir)
 
     # -- data -------------------------------------------------------------------------------
     def _train_loader(self, epoch: int, start_step: int):
@@ -187,6 +189,8 @@ class Trainer:
                 if self.stop.requested:
                     return self._interrupt(epoch, updates)
                 self.parts.method.end_epoch(epoch)
+                self.bad_report.update(spec.data.train_split, self.parts.train_index, acc,
+                                       self.tracker, (epoch + 1) * self.steps_per_epoch)
                 row = self._evaluate(epoch)
                 self.history.append(row)
                 self._update_best(row, epoch)
@@ -320,6 +324,8 @@ class Trainer:
                 metrics = evaluate_split(predict, loader, self._prepare, self.acc.device)
             for k, v in metrics.items():
                 row[f"{split}/{k}"] = v
+            self.bad_report.update(split, index, self.acc, self.tracker,
+                                   (epoch + 1) * self.steps_per_epoch)
         extra = self.parts.method.epoch_metrics()
         row.update({f"method/{k}": v for k, v in extra.items()})
         self.tracker.log_metrics(

@@ -1,0 +1,238 @@
+"""Loader backends behind one config key, ``data.backend``: torchvision | dali | ffcv.
+
+``build_train_loader`` and ``build_eval_loader`` (exported by ``pipeline.data``) pick the backend
+the data spec names; the trainer, the methods and the teacher cache never know which one ran.
+Every backend:
+
+- takes its batches from the same pure order functions (``loader.train_order`` or the order
+  ``data.sampler`` asks for, ``loader.eval_order``), so a process covers the same samples in the
+  same batches whatever the backend, resumes at ``start_step`` the same way, and evaluation
+  pads with index -1 the same way;
+- asks the augmentation plan for each (index, view)'s crop and flip, so an image matches the
+  teacher-cache row of its key;
+- yields ``pipeline.types.Batch``; unreadable samples are dropped from training batches and
+  turned into padding in evaluation batches, counted by ``loader.bad_samples()`` and added to
+  ``index.bad``.
+
+The geometry helpers describe one sample's transform as numbers both accelerated backends
+consume: take ``region`` (x, y, w, h) of the decoded image, resize it to ``resized`` (w, h),
+cut the ``size``×``size`` window at ``window`` (x, y) of the result (zeros outside it), flip.
+These are the operations of ``transforms.apply_crop`` / ``EvalTransform`` in that order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from pipeline.config.errors import ConfigError
+from pipeline.config.schema import DataSpec
+from pipeline.data import loader as tv
+from pipeline.data.index import BadSample, DatasetIndex
+from pipeline.data.plan import AugPlan, Crop, view_for_epoch
+from pipeline.data.transforms import EvalTransform
+from pipeline.types import Batch
+
+BACKENDS = ("torchvision", "dali", "ffcv")
+INSTALL = {
+    "dali": "pip install -e .[dali]  (the wheel nvidia-dali-cuda130==2.4.0; see "
+    "requirements-extras.txt)",
+    "ffcv": "apt-get install libturbojpeg0-dev libopencv-dev pkg-config (tools/apt-packages.sh), "
+    "then pip install -e .[ffcv]  (ffcv==1.0.2 with numba and opencv-python; see "
+    "requirements-extras.txt)",
+}
+
+
+class BackendUnavailable(ImportError):
+    """The loader backend a config asks for is not installed; the message says what to install."""
+
+
+def missing_backend(name: str, err: BaseException) -> BackendUnavailable:
+    """The error for ``data.backend: name`` when importing its library failed with ``err``."""
+    return BackendUnavailable(
+        f"data.backend: {name!r} needs its optional extra, which failed to import "
+        f"({type(err).__name__}: {err}); install it with: {INSTALL[name]}"
+    )
+
+
+class Geometry(NamedTuple):
+    """One sample's transform: region of the decoded image → resize → window → flip."""
+
+    x: int
+    y: int
+    w: int
+    h: int
+    resized_w: int
+    resized_h: int
+    window_x: int
+    window_y: int
+    flip: bool
+
+
+def train_geometry(crop: Crop, plan: AugPlan, width: int, height: int) -> Geometry:
+    """The geometry of ``crop`` (from ``plan.draw``) on a ``width``×``height`` image.
+
+    ``pad_crop``: the whole image, not resized, windowed at the box shifted by the padding
+    (zeros where the window leaves the image: the padding). ``rrc`` and ``none``: the box,
+    resized to ``size``×``size``.
+    """
+    if plan.kind == "pad_crop":
+        return Geometry(
+            0, 0, width, height, width, height,
+            crop.left - plan.padding, crop.top - plan.padding, crop.flip,
+        )
+    return Geometry(
+        crop.left, crop.top, crop.width, crop.height, plan.size, plan.size, 0, 0, crop.flip
+    )
+
+
+def eval_geometry(tf: EvalTransform, width: int, height: int) -> Geometry:
+    """The geometry of ``tf`` on a ``width``×``height`` image (``transforms.EvalTransform``).
+
+    ``resize == 0``: the whole image resized to ``size``×``size``. Otherwise the shorter side
+    resized to ``resize`` (the longer one truncated, as ``resize_shorter``), then the centre
+    window with ``center_crop``'s rounding (Python's round, half to even).
+    """
+    if tf.resize == 0:
+        return Geometry(0, 0, width, height, tf.size, tf.size, 0, 0, False)
+    if width <= height:
+        rw, rh = tf.resize, int(tf.resize * height / width)
+    else:
+        rw, rh = int(tf.resize * width / height), tf.resize
+    left = -((tf.size - rw) // 2) if tf.size > rw else int(round((rw - tf.size) / 2.0))
+    top = -((tf.size - rh) // 2) if tf.size > rh else int(round((rh - tf.size) / 2.0))
+    return Geometry(0, 0, width, height, rw, rh, left, top, False)
+
+
+def order_for_training(
+    spec: DataSpec, n: int, seed: int, epoch: int, process_index: int, num_processes: int
+) -> np.ndarray:
+    """The (steps, batch_size) training order of this process, as the torchvision backend's."""
+    from pipeline.data.coss_sampler import order_function  # imports loader; keep it lazy
+
+    order_fn = order_function(spec, n)
+    return order_fn(n, spec.batch_size, seed, epoch, process_index, num_processes)
+
+
+class PlannedLoader:
+    """What the accelerated backends share: a fixed order of batches, resume, bad samples.
+
+    Subclasses implement ``_batches(order)``: the Batch of each row of ``order`` (already cut
+    at ``start_step``), bad samples dropped (training) or made padding (evaluation), each one
+    reported through ``_record``.
+    """
+
+    backend = ""
+
+    def __init__(
+        self,
+        index: DatasetIndex,
+        spec: DataSpec,
+        order: np.ndarray,
+        view: int,
+        start_step: int,
+        train: bool,
+        plan: AugPlan | None,
+        epoch: int = 0,
+    ) -> None:
+        if not 0 <= start_step <= len(order):
+            raise ValueError(f"expected 0 <= start_step <= {len(order)}, found {start_step}")
+        if spec.workers < 0:
+            raise ValueError(f"data.workers: expected >= 0, found {spec.workers}")
+        self.index = index
+        self.spec = spec
+        self.order = order
+        self.view = view
+        self.start_step = start_step
+        self.steps_per_epoch = len(order)
+        self.train = train
+        self.plan = plan
+        self.epoch = epoch
+        self.eval_tf = EvalTransform.from_spec(spec)
+        self.size = plan.size if plan is not None else self.eval_tf.size
+        self.threads = max(1, spec.workers)
+        self._bad: dict[int, BadSample] = {}
+
+    def __len__(self) -> int:
+        """The number of batches iteration yields (the epoch's steps after ``start_step``)."""
+        return self.steps_per_epoch - self.start_step
+
+    def indices(self) -> np.ndarray:
+        """The sample indices of the batches iteration yields, before bad samples are dropped."""
+        return self.order[self.start_step :]
+
+    def __iter__(self) -> Iterator[Batch]:
+        order = self.order[self.start_step :]
+        if len(order) == 0:
+            return iter(())
+        return self._batches(order)
+
+    def _batches(self, order: np.ndarray) -> Iterator[Batch]:
+        raise NotImplementedError
+
+    def _record(self, bad: list[BadSample]) -> None:
+        for b in bad:
+            self._bad.setdefault(b.index, BadSample(int(b.index), str(b.path), str(b.error)))
+        self.index.record_bad(bad)
+
+    def known_bad(self) -> dict[int, BadSample]:
+        """Samples already known to be unreadable (by the index or this loader), by index."""
+        return {**{b.index: b for b in self.index.bad}, **self._bad}
+
+    def bad_samples(self) -> list[BadSample]:
+        """Samples found unreadable so far by this loader, by index."""
+        return [self._bad[i] for i in sorted(self._bad)]
+
+
+def _backend(spec: DataSpec) -> str:
+    if spec.backend not in BACKENDS:
+        raise ConfigError(
+            f"data.backend: expected one of {'|'.join(BACKENDS)}, found {spec.backend!r}"
+        )
+    return spec.backend
+
+
+def build_train_loader(
+    index: DatasetIndex,
+    spec: DataSpec,
+    plan: AugPlan,
+    epoch: int,
+    seed: int,
+    process_index: int,
+    num_processes: int,
+    start_step: int = 0,
+) -> Any:
+    """The training batches of ``epoch`` for one process, from the backend ``data.backend``."""
+    backend = _backend(spec)
+    if backend == "torchvision":
+        return tv.build_train_loader(
+            index, spec, plan, epoch, seed, process_index, num_processes, start_step
+        )
+    order = order_for_training(spec, len(index), seed, epoch, process_index, num_processes)
+    view = view_for_epoch(epoch, spec.views)
+    if backend == "dali":
+        from pipeline.data.dali import DaliLoader
+
+        return DaliLoader(index, spec, order, view, start_step, True, plan, epoch)
+    from pipeline.data.ffcv import FfcvLoader
+
+    return FfcvLoader(index, spec, order, view, start_step, True, plan, epoch)
+
+
+def build_eval_loader(
+    index: DatasetIndex, spec: DataSpec, process_index: int, num_processes: int
+) -> Any:
+    """Every sample of ``index`` once across processes (padding: index -1), eval transform."""
+    backend = _backend(spec)
+    if backend == "torchvision":
+        return tv.build_eval_loader(index, spec, process_index, num_processes)
+    order = tv.eval_order(len(index), spec.eval_batch_size, process_index, num_processes)
+    if backend == "dali":
+        from pipeline.data.dali import DaliLoader
+
+        return DaliLoader(index, spec, order, -1, 0, False, None)
+    from pipeline.data.ffcv import FfcvLoader
+
+    return FfcvLoader(index, spec, order, -1, 0, False, None)
