@@ -397,3 +397,31 @@ def test_ffcv_random_crop_is_refused_with_a_teacher_cache(cwd: Path) -> None:
     assert error_of(cfg, over).startswith(
         "--set: data.ffcv_random_crop: expected false when teacher.source is 'cached'")
     assert load_config(cfg, over[:2]).data.ffcv_random_crop
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    ("cfg", "overrides", "expected"),
+    [
+        ("configs/demo/ipwd.yaml", ["optim.epochs=1"],
+         "method.warmup_epochs: 1 leaves none of the 1 epochs with IPWD weights"),
+        ("configs/demo/cid.yaml", ["optim.epochs=8", "method.warmup_epochs=8"],
+         "--set: method.warmup_epochs: 8 leaves none of the 8 epochs to train"),
+    ],
+)
+def test_warmup_leaving_no_epoch_is_a_config_error(cfg: str, overrides: list[str],
+                                                   expected: str) -> None:
+    """Caught when the config loads (so by --dry-run too), naming the option."""
+    msg = error_of(ROOT / cfg, overrides, check_paths=False)
+    assert expected in msg
+    assert load_config(ROOT / cfg, [], check_paths=False).optim.epochs > 1
+
+
+def test_warmup_of_a_composed_term_names_the_term(cwd: Path) -> None:
+    base = ROOT / "configs/cifar100/resnet56_resnet20_kd_intervention.yaml"
+    cfg = write(cwd, "a.yaml", f"base: {base}\noptim: {{epochs: 5}}\nmethod:\n  name: compose\n"
+                "  terms:\n    kd: {T: 4}\n    cid.intervention: {warmup_epochs: 5}\n")
+    msg = error_of(cfg, check_paths=False)
+    assert msg.startswith("a.yaml: method.terms.cid.intervention.warmup_epochs: 5 leaves none")

@@ -47,6 +47,13 @@ def check_values(spec: RunSpec, method_cls: Any, root: str) -> None:
     milestones = optim.milestones
     if any(b <= a for a, b in zip(milestones, milestones[1:], strict=False)):
         fail("optim.milestones", f"expected increasing epochs, found {milestones}", root)
+    options = getattr(spec, "method_options", None)
+    if options is not None and hasattr(method_cls, "check_run"):
+        try:
+            method_cls.check_run(options, optim.epochs)
+        except ValueError as err:  # "<option>: <what is wrong>"
+            key, _, message = str(err).partition(": ")
+            fail(f"method.{key}", message, root)
     teacher = spec.teacher
     if getattr(method_cls, "needs_teacher", False) and (teacher is None or not teacher.arch):
         name = spec.method["name"]

@@ -64,6 +64,12 @@ class Method(nn.Module):
             "preact": cls.preact,
         }
 
+    @classmethod
+    def check_run(cls, opts: Any, epochs: int) -> None:
+        """Raise ``ValueError("<option>: ...")`` when ``opts`` cannot work in a run of ``epochs``
+        epochs; called when the config is loaded (``--dry-run`` included). Composite methods
+        check their parts."""
+
     def __init__(self, opts: Any, ctx: MethodContext) -> None:
         super().__init__()
         self.opts = opts

@@ -106,6 +106,19 @@ def auto_warmup_epochs(epochs: int) -> int:
     return max(1, math.floor(CODE_WARMUP / CODE_EPOCHS * epochs + 0.5))
 
 
+def warmup_for(option: int, epochs: int) -> int:
+    """The warm-up epochs of a run of ``epochs``: ``option``, or the auto rule for -1."""
+    return auto_warmup_epochs(epochs) if option < 0 else option
+
+
+def check_warmup(option: int, epochs: int) -> None:
+    """ValueError when the warm-up leaves no epoch to train the interventional classifier."""
+    warmup = warmup_for(option, epochs)
+    if epochs > 0 and warmup >= epochs:
+        raise ValueError(f"warmup_epochs: {warmup} leaves none of the {epochs} epochs to train "
+                         "the interventional classifier")
+
+
 def _teacher_tensor(teacher: TeacherOutput | None, field: str, method: str) -> Tensor:
     value = None if teacher is None else getattr(teacher, field)
     if value is None:
@@ -208,6 +221,10 @@ class CIDIntervention(Method):
         fields = ("logits", "embedding") if opts.centres == "teacher" else ("logits",)
         return {**super().requirements(opts), "teacher_fields": fields}
 
+    @classmethod
+    def check_run(cls, opts: InterventionOptions, epochs: int) -> None:
+        check_warmup(opts.warmup_epochs, epochs)
+
     def __init__(self, opts: InterventionOptions, ctx: MethodContext) -> None:
         super().__init__(opts, ctx)
         self.teacher_fields = self.requirements(opts)["teacher_fields"]
@@ -217,15 +234,8 @@ class CIDIntervention(Method):
                 "found none"
             )
         d_ctx = ctx.student_dim if opts.centres == "student" else int(ctx.teacher_dim or 0)
-        if opts.warmup_epochs < 0:
-            self.warmup_epochs = auto_warmup_epochs(ctx.epochs)
-        else:
-            self.warmup_epochs = opts.warmup_epochs
-        if ctx.epochs > 0 and self.warmup_epochs >= ctx.epochs:
-            raise ValueError(
-                f"warmup_epochs: {self.warmup_epochs} leaves none of the {ctx.epochs} epochs to "
-                "train the interventional classifier"
-            )
+        self.check_run(opts, ctx.epochs)
+        self.warmup_epochs = warmup_for(opts.warmup_epochs, ctx.epochs)
         C = ctx.num_classes
         self.g_new = nn.Linear(ctx.student_dim + d_ctx, C)
         self.register_buffer("ctx_used", torch.zeros(C, d_ctx))
@@ -370,6 +380,11 @@ class CID(Method):
         embedding = opts.use_sample or opts.use_class or teacher_centres
         fields = ("logits", "embedding") if embedding else ("logits",)
         return {**super().requirements(opts), "teacher_fields": fields}
+
+    @classmethod
+    def check_run(cls, opts: CIDOptions, epochs: int) -> None:
+        if opts.use_intervention:
+            check_warmup(opts.warmup_epochs, epochs)
 
     def __init__(self, opts: CIDOptions, ctx: MethodContext) -> None:
         super().__init__(opts, ctx)

@@ -139,6 +139,14 @@ class Compose(Method):
         return ComposeOptions(terms=parsed)
 
     @classmethod
+    def check_run(cls, opts: ComposeOptions, epochs: int) -> None:
+        for name, (method, o) in _term_specs(opts).items():
+            try:
+                method.check_run(o, epochs)
+            except ValueError as err:
+                raise ValueError(f"terms.{name}.{err}") from err
+
+    @classmethod
     def requirements(cls, opts: ComposeOptions) -> dict[str, Any]:
         """The union of the terms' requirements (see ``Method.requirements``)."""
         needs = {name: method.requirements(o) for name, (method, o) in _term_specs(opts).items()}

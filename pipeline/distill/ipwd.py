@@ -83,6 +83,11 @@ def auto_warmup_epochs(epochs: int) -> int:
     return max(0, math.floor(CODE_WARMUP / CODE_EPOCHS * epochs + 0.5))
 
 
+def warmup_for(opts: IPWDOptions, epochs: int) -> int:
+    """The warm-up epochs of a run of ``epochs``: the option, or the auto rule for -1."""
+    return auto_warmup_epochs(epochs) if opts.warmup_epochs < 0 else opts.warmup_epochs
+
+
 def standardize_logits(logits: Tensor) -> Tensor:
     """(z − mean_c z) / std_c z per row, population std floored at ``STD_FLOOR``."""
     z = logits.float()
@@ -188,17 +193,17 @@ class IPWD(Method):
     needs_teacher = True
     teacher_fields = ("logits",)
 
+    @classmethod
+    def check_run(cls, opts: IPWDOptions, epochs: int) -> None:
+        warmup = warmup_for(opts, epochs)
+        if epochs > 0 and warmup >= epochs:
+            raise ValueError(f"warmup_epochs: {warmup} leaves none of the {epochs} epochs with "
+                             "IPWD weights (that run is KD plus an unused head)")
+
     def __init__(self, opts: IPWDOptions, ctx: MethodContext) -> None:
         super().__init__(opts, ctx)
-        if opts.warmup_epochs < 0:
-            self.warmup_epochs = auto_warmup_epochs(ctx.epochs)
-        else:
-            self.warmup_epochs = opts.warmup_epochs
-        if ctx.epochs > 0 and self.warmup_epochs >= ctx.epochs:
-            raise ValueError(
-                f"warmup_epochs: {self.warmup_epochs} leaves none of the {ctx.epochs} epochs "
-                "with IPWD weights (that run is KD plus an unused head)"
-            )
+        self.check_run(opts, ctx.epochs)
+        self.warmup_epochs = warmup_for(opts, ctx.epochs)
         self.g_cls = nn.Linear(ctx.student_dim, ctx.num_classes)
         # [Σw, Σw², number clipped, count] and max of the weights used this epoch (rank-local).
         self._sums: Tensor | None = None
