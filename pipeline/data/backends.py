@@ -106,23 +106,10 @@ def eval_geometry(tf: EvalTransform, width: int, height: int) -> Geometry:
     return Geometry(0, 0, width, height, rw, rh, left, top, False)
 
 
-def order_for_training(
-    spec: DataSpec, n: int, seed: int, epoch: int, process_index: int, num_processes: int
-) -> np.ndarray:
-    """The (steps, batch_size) training order of this process, as the torchvision backend's."""
-    from pipeline.data.coss_sampler import order_function  # imports loader; keep it lazy
-
-    order_fn = order_function(spec, n)
-    return order_fn(n, spec.batch_size, seed, epoch, process_index, num_processes)
-
-
-class PlannedLoader:
-    """What the accelerated backends share: a fixed order of batches, resume, bad samples.
-
-    Subclasses implement ``_batches(order)``: the Batch of each row of ``order`` (already cut
-    at ``start_step``), bad samples dropped (training) or made padding (evaluation), each one
-    reported through ``_record``.
-    """
+class PlannedLoader(tv.OrderedBatches):
+    """What the accelerated backends share besides ``OrderedBatches``: the data spec, the plan
+    (None: the eval transform), the output size and the decoding threads (``data.workers``,
+    at least 1). Unreadable samples are dropped (training) or made padding (evaluation)."""
 
     backend = ""
 
@@ -137,53 +124,17 @@ class PlannedLoader:
         plan: AugPlan | None,
         epoch: int = 0,
     ) -> None:
-        if not 0 <= start_step <= len(order):
-            raise ValueError(f"expected 0 <= start_step <= {len(order)}, found {start_step}")
-        if spec.workers < 0:
-            raise ValueError(f"data.workers: expected >= 0, found {spec.workers}")
-        self.index = index
+        super().__init__(index, order, view, start_step, spec.workers, train)
         self.spec = spec
-        self.order = order
-        self.view = view
-        self.start_step = start_step
-        self.steps_per_epoch = len(order)
-        self.train = train
         self.plan = plan
         self.epoch = epoch
         self.eval_tf = EvalTransform.from_spec(spec)
         self.size = plan.size if plan is not None else self.eval_tf.size
         self.threads = max(1, spec.workers)
-        self._bad: dict[int, BadSample] = {}
-
-    def __len__(self) -> int:
-        """The number of batches iteration yields (the epoch's steps after ``start_step``)."""
-        return self.steps_per_epoch - self.start_step
-
-    def indices(self) -> np.ndarray:
-        """The sample indices of the batches iteration yields, before bad samples are dropped."""
-        return self.order[self.start_step :]
-
-    def __iter__(self) -> Iterator[Batch]:
-        order = self.order[self.start_step :]
-        if len(order) == 0:
-            return iter(())
-        return self._batches(order)
-
-    def _batches(self, order: np.ndarray) -> Iterator[Batch]:
-        raise NotImplementedError
-
-    def _record(self, bad: list[BadSample]) -> None:
-        for b in bad:
-            self._bad.setdefault(b.index, BadSample(int(b.index), str(b.path), str(b.error)))
-        self.index.record_bad(bad)
 
     def known_bad(self) -> dict[int, BadSample]:
         """Samples already known to be unreadable (by the index or this loader), by index."""
         return {**{b.index: b for b in self.index.bad}, **self._bad}
-
-    def bad_samples(self) -> list[BadSample]:
-        """Samples found unreadable so far by this loader, by index."""
-        return [self._bad[i] for i in sorted(self._bad)]
 
 
 def _backend(spec: DataSpec) -> str:
@@ -210,7 +161,7 @@ def build_train_loader(
         return tv.build_train_loader(
             index, spec, plan, epoch, seed, process_index, num_processes, start_step
         )
-    order = order_for_training(spec, len(index), seed, epoch, process_index, num_processes)
+    order = tv.training_order(spec, len(index), seed, epoch, process_index, num_processes)
     view = view_for_epoch(epoch, spec.views)
     if backend == "dali":
         from pipeline.data.dali import DaliLoader

@@ -14,7 +14,7 @@ conversions...), and resized (longer side ``max_resolution``) and re-encoded onl
 Loading: ``ffcv_ops.PlanDecoder`` renders each sample's geometry (backends.Geometry: the plan's
 crop and flip of (index, view), or the eval transform), which Python writes into a table before
 each epoch — for original-resolution files the pixels equal the torchvision backend's. The
-batch order is this process's rows of ``order_for_training`` / ``eval_order``, given to FFCV's
+batch order is this process's rows of ``loader.training_order`` / ``eval_order``, given to FFCV's
 epoch iterator (what ``Loader(indices=..., order=SEQUENTIAL)`` runs), so sharding, resume and
 padding are those of the other backends. The compiled FFCV loader is kept across epochs (only
 the order and the table change): numba compiles its pipeline (~5 s) once per process and .beton

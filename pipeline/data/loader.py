@@ -143,12 +143,15 @@ class _Batches(Sampler[list[Key]]):
             yield [(i, view if i >= 0 else -1) for i in row]
 
 
-class _Loader:
-    """An iterable of Batch over a fixed order of batches; records unreadable samples."""
+class OrderedBatches:
+    """What every loader backend shares: a fixed order of batches (cut at ``start_step`` for a
+    resumed epoch), one view, and unreadable samples recorded once each and added to
+    ``index.bad``. Subclasses implement ``_batches(order)``: the Batch of each row of ``order``.
+    """
 
     def __init__(
         self,
-        dataset: IndexDataset,
+        index: DatasetIndex,
         order: np.ndarray,
         view: int,
         start_step: int,
@@ -159,8 +162,7 @@ class _Loader:
             raise ValueError(f"expected 0 <= start_step <= {len(order)}, found {start_step}")
         if workers < 0:
             raise ValueError(f"data.workers: expected >= 0, found {workers}")
-        self.dataset = dataset
-        self.index = dataset.index
+        self.index = index
         self.order = order
         self.view = view
         self.steps_per_epoch = len(order)
@@ -180,7 +182,38 @@ class _Loader:
     def __iter__(self) -> Iterator[Batch]:
         order = self.order[self.start_step :]
         if len(order) == 0:
-            return
+            return iter(())
+        return self._batches(order)
+
+    def _batches(self, order: np.ndarray) -> Iterator[Batch]:
+        raise NotImplementedError
+
+    def _record(self, bad: list[BadSample]) -> None:
+        for b in bad:
+            self._bad.setdefault(b.index, BadSample(int(b.index), str(b.path), str(b.error)))
+        self.index.record_bad(bad)
+
+    def bad_samples(self) -> list[BadSample]:
+        """Samples found unreadable so far by this loader, by index."""
+        return [self._bad[i] for i in sorted(self._bad)]
+
+
+class _Loader(OrderedBatches):
+    """The torchvision backend: a DataLoader over ``dataset`` in the fixed order."""
+
+    def __init__(
+        self,
+        dataset: IndexDataset,
+        order: np.ndarray,
+        view: int,
+        start_step: int,
+        workers: int,
+        train: bool,
+    ) -> None:
+        super().__init__(dataset.index, order, view, start_step, workers, train)
+        self.dataset = dataset
+
+    def _batches(self, order: np.ndarray) -> Iterator[Batch]:
         views = np.full(len(order), self.view, dtype=np.int64)
         loader: DataLoader[Any] = DataLoader(
             self.dataset,
@@ -193,15 +226,6 @@ class _Loader:
             if bad:
                 self._record(bad)
             yield Batch(images=images, labels=labels, index=index, view=view)
-
-    def _record(self, bad: list[BadSample]) -> None:
-        for b in bad:
-            self._bad.setdefault(b.index, BadSample(int(b.index), str(b.path), str(b.error)))
-        self.index.record_bad(bad)
-
-    def bad_samples(self) -> list[BadSample]:
-        """Samples found unreadable so far by this loader, by index."""
-        return [self._bad[i] for i in sorted(self._bad)]
 
 
 class TrainLoader(_Loader):
@@ -227,6 +251,17 @@ class EvalLoader(_Loader):
         super().__init__(dataset, order, -1, 0, workers, train=False)
 
 
+def training_order(
+    spec: DataSpec, n: int, seed: int, epoch: int, process_index: int, num_processes: int
+) -> np.ndarray:
+    """The (steps, batch_size) training order of one process, for every backend:
+    ``train_order`` unless ``data.sampler`` asks for another (CoSS neighbour batches)."""
+    from pipeline.data.coss_sampler import order_function  # it imports this module
+
+    order_fn = order_function(spec, n)
+    return order_fn(n, spec.batch_size, seed, epoch, process_index, num_processes)
+
+
 def build_train_loader(
     index: DatasetIndex,
     spec: DataSpec,
@@ -238,10 +273,7 @@ def build_train_loader(
     start_step: int = 0,
 ) -> TrainLoader:
     """The training batches of ``epoch`` for process ``process_index`` of ``num_processes``."""
-    from pipeline.data.coss_sampler import order_function  # it imports this module
-
-    order_fn = order_function(spec, len(index))  # train_order unless data.sampler says otherwise
-    order = order_fn(len(index), spec.batch_size, seed, epoch, process_index, num_processes)
+    order = training_order(spec, len(index), seed, epoch, process_index, num_processes)
     dataset = IndexDataset(index, plan, EvalTransform.from_spec(spec))
     view = view_for_epoch(epoch, spec.views)
     return TrainLoader(dataset, order, epoch, view, start_step, spec.workers)
