@@ -21,7 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.config import ConfigError, load_config  # noqa: E402
+from pipeline.catalog import load_run_config  # noqa: E402
+from pipeline.config import ConfigError  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -60,7 +61,7 @@ def verify(cache_dir: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        spec = load_config(args.cfg, args.overrides, check_paths=not args.verify)
+        spec = load_run_config(args.cfg, args.overrides, check_paths=not args.verify)
         if spec.teacher is None or not spec.teacher.arch or not spec.teacher.cache_dir:
             raise ConfigError(
                 f"{args.cfg}: teacher.arch and teacher.cache_dir: expected both to write a "

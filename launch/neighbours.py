@@ -21,7 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.config import ConfigError, load_config  # noqa: E402
+from pipeline.catalog import load_run_config  # noqa: E402
+from pipeline.config import ConfigError  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,18 +53,15 @@ def default_top_n(neighbours: str | None) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        spec = load_config(args.cfg, args.overrides, check_paths=False)
+        spec = load_run_config(args.cfg, args.overrides, check_paths=False)
         if spec.teacher is None or not spec.teacher.cache_dir:
             raise ConfigError(f"{args.cfg}: teacher.cache_dir: expected the teacher cache that "
                               "holds the eval-view embeddings, found none")
         import torch
 
-        from pipeline.data.neighbours import (
-            compute_cache_neighbours,
-            neighbours_path,
-            read_info,
-        )
+        from pipeline.data.neighbours import neighbours_path, read_info
         from pipeline.teacher.cache_format import MANIFEST, Manifest
+        from pipeline.teacher.neighbours import compute_cache_neighbours
 
         cache_dir = Path(spec.teacher.cache_dir).expanduser().resolve()
         top_n = args.top_n or default_top_n(spec.data.neighbours)

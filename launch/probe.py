@@ -26,7 +26,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.config import ConfigError, load_config  # noqa: E402
+from pipeline.catalog import load_run_config  # noqa: E402
+from pipeline.config import ConfigError  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             if not (run_dir / name).is_file():
                 raise ConfigError(f"--run-dir: expected {name} in {run_dir} (a finished run of "
                                   "launch/train.py), found none")
-        spec = load_config(run_dir / "config.yaml", args.overrides, check_paths=False)
+        spec = load_run_config(run_dir / "config.yaml", args.overrides, check_paths=False)
         import torch
 
         from pipeline.data import build_index

@@ -14,7 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.config import ConfigError, dump_config, load_config  # noqa: E402
+from pipeline.catalog import load_run_config  # noqa: E402
+from pipeline.config import ConfigError, dump_config  # noqa: E402
 from pipeline.config.schema import RunSpec  # noqa: E402
 
 
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.run_dir:
         overrides.append(f"run_dir={args.run_dir}")
     try:
-        spec = load_config(args.cfg, overrides, check_paths=not args.dry_run)
+        spec = load_run_config(args.cfg, overrides, check_paths=not args.dry_run)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2

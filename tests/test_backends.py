@@ -209,7 +209,7 @@ def test_pad_crop_on_arrays_is_exact(tmp_path: Path) -> None:
 
 def test_cached_teacher_serves_the_same_rows(folder, tmp_path: Path) -> None:
     """Distillation from a teacher cache: every backend asks for the same (index, view) rows."""
-    from pipeline.config import load_config
+    from pipeline.catalog import load_run_config
     from pipeline.models import build_model
     from pipeline.teacher.cache_writer import write_cache
     from pipeline.teacher.cached import open_cached_teacher
@@ -228,7 +228,7 @@ def test_cached_teacher_serves_the_same_rows(folder, tmp_path: Path) -> None:
         "method:\n  name: kd\n  T: 4\noptim:\n  epochs: 2\ntracking:\n  enabled: false\n"
         "train:\n  progress: false\n"
     )
-    spec = load_config(cfg)
+    spec = load_run_config(cfg)
     write_cache(spec, ("logits",), progress=False)
     index = build_index(spec.data, "train")
     cached = open_cached_teacher(spec, ("logits",), 3, index=index)

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import ConfigError, load_config
+from pipeline.catalog import load_run_config
+from pipeline.config import ConfigError
 from pipeline.config.schema import RunSpec
 from pipeline.data import AugPlan, build_index
 from pipeline.data.device import to_device
@@ -74,7 +75,7 @@ class Setup:
 
     def spec(self, *overrides: str, cache: Path | None = None) -> RunSpec:
         extra = [f"teacher.cache_dir={cache}"] if cache is not None else []
-        return load_config(self.cfg, [*overrides, *extra])
+        return load_run_config(self.cfg, [*overrides, *extra])
 
 
 def _save_teacher(path: Path, seed: int) -> None:

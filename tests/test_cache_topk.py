@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import ConfigError, load_config
+from pipeline.catalog import load_run_config
+from pipeline.config import ConfigError
 from pipeline.data import AugPlan, build_index
 from pipeline.data.device import to_device
 from pipeline.data.loader import build_train_loader
@@ -87,7 +88,7 @@ def test_topk_cache_end_to_end(tmp_path: Path) -> None:
     torch.save(build_model("resnet8", 10).state_dict(), tmp_path / "t.pt")
     cfg = tmp_path / "run.yaml"
     cfg.write_text(CONFIG.format(weights=tmp_path / "t.pt", cache=tmp_path / "c"))
-    spec = load_config(cfg)
+    spec = load_run_config(cfg)
     write_cache(spec, ("logits",))
     m = Manifest.load(tmp_path / "c")
     assert m.logits == {"mode": "topk", "k": 3, "temperature": 4.0}
@@ -106,4 +107,4 @@ def test_topk_cache_end_to_end(tmp_path: Path) -> None:
         top_p, top_i = p_true.topk(3, dim=1)
         torch.testing.assert_close(q.gather(1, top_i), top_p, rtol=2e-3, atol=1e-6)
     with pytest.raises(ConfigError, match=r"method.T \(temp.*cache has 4.0, this run has 2.0"):
-        open_cached_teacher(load_config(cfg, ["method.T=2"]), ("logits",), 10)
+        open_cached_teacher(load_run_config(cfg, ["method.T=2"]), ("logits",), 10)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import subprocess
+import sys
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,10 +12,13 @@ from typing import Literal
 
 import pytest
 
-from pipeline.config import ConfigError, RunSpec, dump_config, load_config
+from pipeline import config
+from pipeline.config import ConfigError, RunSpec, dump_config
 from pipeline.config.load import to_dataclass
 from pipeline.config.schema import DataSpec
 from pipeline.distill.base import METHODS, Method
+from pipeline.models import MODELS
+from pipeline.registry import Registry
 
 TEACHER_METHOD = "cfgtest_distil"  # throwaway methods, registered under names no real one uses
 PLAIN_METHOD = "cfgtest_plain"
@@ -37,9 +43,14 @@ class _PlainMethod(Method):
     needs_teacher = False
 
 
+# The loader validates against the registry its caller injects: here the real methods plus two
+# throwaway ones that exist only in this registry.
+TEST_METHODS: Registry[type[Method]] = Registry("method")
+for _name in METHODS:
+    TEST_METHODS.register(_name)(METHODS.get(_name))
 for _name, _cls in ((TEACHER_METHOD, _TeacherMethod), (PLAIN_METHOD, _PlainMethod)):
-    if _name not in METHODS:
-        METHODS.register(_name)(_cls)
+    TEST_METHODS.register(_name)(_cls)
+load_config = functools.partial(config.load_config, methods=TEST_METHODS)
 
 # A complete small run that passes every check (the data root is created by the fixture).
 GOOD = f"""
@@ -425,3 +436,43 @@ def test_warmup_of_a_composed_term_names_the_term(cwd: Path) -> None:
                 "  terms:\n    kd: {T: 4}\n    cid.intervention: {warmup_epochs: 5}\n")
     msg = error_of(cfg, check_paths=False)
     assert msg.startswith("a.yaml: method.terms.cid.intervention.warmup_epochs: 5 leaves none")
+
+
+def test_unknown_arch_names_the_key_and_nearest_networks(cwd: Path) -> None:
+    cfg = write(cwd, "a.yaml", GOOD)
+    message = error_of(cfg, ["model.arch=resnet2O"], models=MODELS)
+    assert message.startswith("--set: model.arch: unknown network 'resnet2O'; did you mean")
+    assert "timm:<name>" in message
+    message = error_of(cfg, ["teacher.arch=wrn_40_3"], models=MODELS)
+    assert message.startswith("--set: teacher.arch: unknown network 'wrn_40_3'; did you mean")
+    assert load_config(cfg, ["model.arch=timm:resnet10t"], models=MODELS).model.arch
+
+
+def test_config_stage_imports_no_later_stage(tmp_path: Path) -> None:
+    """The loader runs with an injected registry and without torch or the method files."""
+    cfg = write(tmp_path, "a.yaml", "name: x\ndata: {dataset: synthetic}\nmethod: {name: m}\n")
+    code = f"""
+import sys
+from dataclasses import dataclass
+from pipeline.config import load_config
+from pipeline.registry import Registry
+
+@dataclass
+class Options:
+    pass
+
+class M:
+    Options = Options
+    @classmethod
+    def parse_options(cls, raw, where, file):
+        return Options()
+
+methods = Registry("method")
+methods.register("m")(M)
+spec = load_config({str(cfg)!r}, methods=methods)
+later = ("pipeline.distill", "pipeline.models", "pipeline.train", "pipeline.data",
+         "pipeline.teacher")
+late = [m for m in sys.modules if m == "torch" or m.startswith(later)]
+assert spec.name == "x" and not late, late
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)

@@ -125,7 +125,8 @@ def test_extract_features_drops_padding_and_sorts_by_index() -> None:
 
 def test_launch_probe_on_a_run_dir(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from launch.probe import main
-    from pipeline.config import dump_config, load_config
+    from pipeline.catalog import load_run_config
+    from pipeline.config import dump_config
     from pipeline.models import build_model
 
     cfg = tmp_path / "src.yaml"
@@ -134,7 +135,7 @@ def test_launch_probe_on_a_run_dir(tmp_path: Path, capsys: pytest.CaptureFixture
                    "tracking: {enabled: false}\n")
     run = tmp_path / "run"
     run.mkdir()
-    (run / "config.yaml").write_text(dump_config(load_config(cfg)))
+    (run / "config.yaml").write_text(dump_config(load_run_config(cfg)))
     torch.manual_seed(0)
     torch.save(build_model("resnet8", 10).state_dict(), run / "student.pt")
     assert main(["--run-dir", str(run), "--epochs", "3", "--knn-k", "5", "--cpu"]) == 0

@@ -45,7 +45,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.config import load_config  # noqa: E402
+from pipeline.catalog import load_run_config  # noqa: E402
 from pipeline.config.schema import RunSpec  # noqa: E402
 from pipeline.data import AugPlan, build_index  # noqa: E402
 from pipeline.data.loader import build_train_loader  # noqa: E402
@@ -98,7 +98,7 @@ def make_spec(pair: dict[str, Any], root: Path, mode: str, steps: int, cpu: bool
                                cache=root / "cache")
     path = root / f"{mode}.yaml"
     path.write_text(text)
-    return load_config(path)
+    return load_run_config(path)
 
 
 def trainer_step_fn(spec: RunSpec, batches: list[Batch]) -> tuple[Callable[[], None], Any]:

@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.config import load_config  # noqa: E402
+from pipeline.catalog import load_run_config  # noqa: E402
 from pipeline.evaluate.report import format_table, mean_std, read_metrics, split_values  # noqa: E402
 from pipeline.track.mlflow_tracker import Tracker  # noqa: E402
 
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     if args.teacher:
         train(args.teacher, None, [])  # its own default run directory, which students read
-    first = load_config(args.configs[0], args.overrides, check_paths=False)
+    first = load_run_config(args.configs[0], args.overrides, check_paths=False)
     splits = list(first.data.eval_splits)
     tracker = Tracker(first.tracking, enabled=True)
     parent = tracker.start(args.name, {"configs": args.configs, "seeds": args.seeds,

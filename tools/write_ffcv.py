@@ -19,7 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from pipeline.config import ConfigError, load_config  # noqa: E402
+from pipeline.catalog import load_run_config  # noqa: E402
+from pipeline.config import ConfigError  # noqa: E402
 from pipeline.data import build_index  # noqa: E402
 from pipeline.data.backends import BackendUnavailable  # noqa: E402
 from pipeline.data.ffcv import beton_path  # noqa: E402
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from pipeline.data.ffcv_write import MODES, write_beton
 
-        spec = load_config(args.cfg, args.set)
+        spec = load_run_config(args.cfg, args.set)
         splits = args.split
         if "all" in splits:
             splits = [spec.data.train_split, *spec.data.eval_splits]

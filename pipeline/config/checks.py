@@ -12,6 +12,9 @@ from typing import Any
 from pipeline.config.coerce import fail, file_for
 from pipeline.config.errors import ConfigError
 from pipeline.config.schema import RunSpec
+from pipeline.registry import Registry, closest
+
+TIMM_PREFIX = "timm:"  # model.arch: timm:<name> builds timm.create_model(<name>)
 
 
 def check_values(spec: RunSpec, method_cls: Any, root: str) -> None:
@@ -65,6 +68,21 @@ def check_values(spec: RunSpec, method_cls: Any, root: str) -> None:
     if teacher is not None and teacher.source == "cached" and data.ffcv_random_crop:
         fail("data.ffcv_random_crop", "expected false when teacher.source is 'cached': FFCV's own "
              "random crops are not the plan's views that the cache describes", root)
+
+
+def check_archs(spec: RunSpec, models: Registry[Any], root: str) -> None:
+    """``model.arch`` and ``teacher.arch`` name registered networks (or ``timm:<name>``)."""
+    archs = [("model.arch", spec.model.arch)]
+    if spec.teacher is not None and spec.teacher.arch:
+        archs.append(("teacher.arch", spec.teacher.arch))
+    for key, arch in archs:
+        if arch.startswith(TIMM_PREFIX) and len(arch) > len(TIMM_PREFIX):
+            continue  # timm's own names are checked when the network is built
+        if arch not in models:
+            hint = closest(arch, models.names())
+            tail = f"did you mean {hint!r}? " if hint else ""
+            fail(key, f"unknown network {arch!r}; {tail}(known: {', '.join(models.names())}, "
+                 f"or {TIMM_PREFIX}<name> for a timm model)", root)
 
 
 def check_files(spec: RunSpec, root: str) -> None:

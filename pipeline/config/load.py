@@ -29,14 +29,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from pipeline.config.checks import check_files, check_values
+from pipeline.config.checks import check_archs, check_files, check_values
 from pipeline.config.coerce import (
     accepts_text,
     check,
@@ -58,11 +57,19 @@ _MERGE_TAG = "tag:yaml.org,2002:merge"  # YAML's `<<: *anchor`, which may repeat
 
 
 def load_config(
-    path: str | Path, overrides: Sequence[str] = (), *, check_paths: bool = True
+    path: str | Path,
+    overrides: Sequence[str] = (),
+    *,
+    methods: Registry[Any],
+    models: Registry[Any] | None = None,
+    check_paths: bool = True,
 ) -> RunSpec:
     """Read, merge, override and validate the config at ``path`` into a ``RunSpec``.
 
     ``overrides`` are ``"dotted.key=value"`` strings (the ``--set`` flags of the launchers).
+    ``methods`` is the registry the ``method`` section is validated against and ``models`` the
+    one ``model.arch`` and ``teacher.arch`` are checked against (None: not checked); the config
+    stage imports neither (callers pass them: ``pipeline.catalog.load_run_config`` does).
     With ``check_paths`` the data root and weight files must exist (see the module docstring
     for how relative paths resolve). Any problem raises ``ConfigError`` naming the file, the
     dotted key, and what was expected and found.
@@ -77,11 +84,13 @@ def load_config(
         what = "is not a file" if root.exists() else "not found"
         raise ConfigError(f"config file {what}: {root}")
     raw = _load_file(root, origins, ())
-    _apply_overrides(raw, origins, overrides)
+    _apply_overrides(raw, origins, overrides, methods)
     shown = _show(root)
     with provenance(origins):
         spec = to_dataclass(RunSpec, raw, "", shown)
-        method_cls = _resolve_method(spec, shown)
+        method_cls = _resolve_method(spec, shown, methods)
+        if models is not None:
+            check_archs(spec, models, shown)
         check_values(spec, method_cls, shown)
         if check_paths:
             check_files(spec, shown)
@@ -238,7 +247,8 @@ def _switches(path: str, new: dict[str, Any], old: dict[str, Any]) -> bool:
 
 
 def _apply_overrides(
-    raw: dict[str, Any], origins: dict[str, str], overrides: Iterable[str]
+    raw: dict[str, Any], origins: dict[str, str], overrides: Iterable[str],
+    methods: Registry[Any],
 ) -> None:
     """Merge each ``key=value`` into ``raw``, then fit the values to the schema types."""
     parsed: list[tuple[list[str], str, Any]] = []
@@ -262,7 +272,7 @@ def _apply_overrides(
         _merge(raw, origins, layer, _record(layer, SET, ""), "")
         parsed.append((parts, value_text.strip(), value))
     for parts, value_text, value in parsed:
-        tp = _type_at(parts, raw)
+        tp = _type_at(parts, raw, methods)
         if tp is None or not accepts_text(tp) or isinstance(value, str | list | dict):
             continue
         if value is None and value_text != "":
@@ -274,7 +284,7 @@ def _apply_overrides(
             parent[parts[-1]] = value_text  # name=42 → "42"; mixed_precision=no → "no"
 
 
-def _type_at(parts: list[str], raw: dict[str, Any]) -> Any:
+def _type_at(parts: list[str], raw: dict[str, Any], methods: Registry[Any]) -> Any:
     """The schema type hint of a dotted key, or None when the key is not in the schema."""
     tp: Any = RunSpec
     for i, part in enumerate(parts):
@@ -284,7 +294,7 @@ def _type_at(parts: list[str], raw: dict[str, Any]) -> Any:
         if tp is RunSpec and part == "method":
             if parts[i + 1 : i + 2] == ["name"]:
                 return str
-            tp = _method_options_type(raw)
+            tp = _method_options_type(raw, methods)
             if tp is None:
                 return None
         elif dataclasses.is_dataclass(tp):
@@ -298,10 +308,9 @@ def _type_at(parts: list[str], raw: dict[str, Any]) -> Any:
     return tp
 
 
-def _method_options_type(raw: dict[str, Any]) -> Any:
+def _method_options_type(raw: dict[str, Any], methods: Registry[Any]) -> Any:
     section = raw.get("method")
     name = section.get("name") if isinstance(section, dict) else None
-    methods = _methods()
     if not isinstance(name, str) or name not in methods:
         return None
     options = getattr(methods.get(name), "Options", None)
@@ -311,18 +320,9 @@ def _method_options_type(raw: dict[str, Any]) -> Any:
 # ---------------------------------------------------------------------------- method section
 
 
-def _methods() -> Registry[Any]:
-    """The method registry, filled by importing ``pipeline.distill``."""
-    importlib.import_module("pipeline.distill")
-    from pipeline.distill.base import METHODS
-
-    return METHODS
-
-
-def _resolve_method(spec: RunSpec, root: str) -> Any:
+def _resolve_method(spec: RunSpec, root: str, methods: Registry[Any]) -> Any:
     """Validate ``spec.method`` by its method's ``Options``; set ``spec.method_options``."""
     section = dict(spec.method)
-    methods = _methods()
     known = ", ".join(methods.names()) or "none registered"
     if "name" not in section:
         fail("method", f"missing key 'method.name' (known methods: {known})", root)

@@ -21,6 +21,10 @@ class RunData:
 def build_data(spec: RunSpec) -> RunData:
     """The dataset indices of the training split and every evaluation split."""
     train_index = build_index(spec.data, spec.data.train_split)
+    if spec.data.sampler == "coss" and spec.data.neighbours:
+        from pipeline.teacher.neighbours import check_neighbours_source
+
+        check_neighbours_source(spec.data.neighbours)
     eval_indices = {s: build_index(spec.data, s) for s in spec.data.eval_splits}
     return RunData(train_index, eval_indices, spec.data.num_classes or len(train_index.classes))
 
