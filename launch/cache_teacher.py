@@ -82,11 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     state = PartialState(cpu=spec.train.cpu or not torch.cuda.is_available())
     try:
         needs = method_class(spec).requirements(method_options(spec))
-        fields = cache_fields(spec, tuple(needs["teacher_fields"]))
+        fields = cache_fields(spec, needs.teacher_outputs)
         report = write_cache(
             spec,
             fields,
-            preact=bool(needs["preact"]),
+            stages=needs.teacher_stages,
+            preact=needs.preact,
             process_index=state.process_index,
             num_processes=state.num_processes,
             device=state.device,
@@ -102,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         manifest = Manifest.load(root)
         missing = missing_units(root, manifest, manifest.units())
         print(
-            f"teacher cache {root}: fields {manifest.fields}, {manifest.views} view(s)"
+            f"teacher cache {root}: fields {manifest.fields}"
+            f"{f' (stages {manifest.stages})' if manifest.stages else ''}, {manifest.views} view(s)"
             f"{' + eval view' if manifest.eval_view else ''}, {manifest.num_samples} samples; "
             f"process 0 wrote {report.units_written} chunk(s) ({report.images} images, "
             f"{report.images_per_s:.0f} img/s), skipped {report.units_skipped} complete; "

@@ -35,13 +35,42 @@ class Batch:
         return int(self.labels.shape[0])
 
 
+@dataclass(frozen=True)
+class StageInfo:
+    """One stage map a network can return (``Net.stage_info``), at a given input size.
+
+    ``index`` is the stage's position in the network's stage list (0: the stem, then one entry
+    per stage), the key under which ``ModelOutput.feats`` holds its map. ``stride`` is the input
+    size divided by the map size. ``has_preact`` says whether ``preact=True`` returns a map that
+    differs from the post-activation one (False where a stage ends without an activation: a
+    MobileNetV2 linear bottleneck, a timm network, the stem).
+    """
+
+    index: int
+    name: str
+    channels: int
+    height: int
+    width: int
+    stride: int
+    has_preact: bool
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one sample's map."""
+        return (self.channels, self.height, self.width)
+
+
 @dataclass
 class ModelOutput:
-    """What every network returns: logits, pooled penultimate embedding, optional stage maps."""
+    """What every network returns: logits, pooled penultimate embedding, optional stage maps.
+
+    ``feats`` maps a stage index (``StageInfo.index``) to its (N, C, H, W) map; it holds only
+    the stages that were asked for, and is None when none were.
+    """
 
     logits: Tensor
     embedding: Tensor
-    feats: list[Tensor] | None = None
+    feats: dict[int, Tensor] | None = None
 
 
 @dataclass
@@ -53,7 +82,7 @@ class TeacherOutput:
 
     logits: Tensor | None = None
     embedding: Tensor | None = None
-    feats: list[Tensor] | None = None
+    feats: dict[int, Tensor] | None = None  # stage index → map, the stages the method reads
     extra: dict[str, Tensor] = field(default_factory=dict)
 
     @classmethod
@@ -65,8 +94,11 @@ class TeacherOutput:
             self,
             logits=None if self.logits is None else self.logits.detach(),
             embedding=None if self.embedding is None else self.embedding.detach(),
-            feats=None if self.feats is None else [f.detach() for f in self.feats],
+            feats=None if self.feats is None else {k: f.detach() for k, f in self.feats.items()},
         )
 
 
 TEACHER_FIELDS = ("logits", "embedding", "feats")
+FeatureRequest = bool | tuple[int, ...]
+"""What ``Net.forward(x, feats=...)`` takes: False (no maps), True (every stage) or the stage
+indices to return."""

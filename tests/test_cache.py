@@ -313,20 +313,25 @@ def test_accelerate_two_process_pass_equals_one(setup: Setup, tmp_path: Path) ->
 def test_stage_maps_are_cached_with_their_flavour(setup: Setup, tmp_path: Path) -> None:
     spec = setup.spec("data.synthetic_size=16", "data.views=1", "teacher.cache_eval_view=false",
                       "teacher.cache_fields=[feats]", cache=tmp_path / "c")
-    write_cache(spec, ("feats",), preact=True)
+    write_cache(spec, ("feats",), stages=(2, -1), preact=True)  # resnet20: stages 2 and 3
+    manifest = Manifest.load(tmp_path / "c")
+    assert manifest.stages == [2, 3]
+    assert sorted(n for n in manifest.arrays if n.startswith("feats_")) == ["feats_2", "feats_3"]
     model, _ = build_teacher_model(spec.teacher, 10)
-    online = OnlineTeacher(model, ("feats",), preact=True)
-    cached = open_cached_teacher(spec, ("feats",), 10, preact=True)
+    online = OnlineTeacher(model, (), stages=(2, 3), preact=True)
+    cached = open_cached_teacher(spec, ("feats",), 10, preact=True, stages=(2, 3))
     index = build_index(spec.data, "train")
     plan = AugPlan.from_spec(spec.data, spec.seed)
     raw = next(iter(build_train_loader(index, spec.data, plan, 0, spec.seed, 0, 1)))
     batch = to_device(raw, "cpu", spec.data.mean, spec.data.std)
     a, b = online(batch, batch.images).feats, cached(raw, batch.images).feats
-    assert a is not None and b is not None and len(a) == len(b) > 0
-    for x, y in zip(a, b, strict=True):
-        torch.testing.assert_close(y, x, rtol=2e-3, atol=2e-3)
+    assert a is not None and b is not None and sorted(a) == sorted(b) == [2, 3]
+    for s in a:
+        torch.testing.assert_close(b[s], a[s], rtol=2e-3, atol=2e-3)
     with pytest.raises(ConfigError, match="teacher.preact: cache has True, this run has False"):
-        open_cached_teacher(spec, ("feats",), 10, preact=False)
+        open_cached_teacher(spec, ("feats",), 10, preact=False, stages=(2, 3))
+    with pytest.raises(ConfigError, match=r"stage maps \[1\], found a cache .* holding stages"):
+        open_cached_teacher(spec, ("feats",), 10, preact=True, stages=(1,))
     with pytest.raises(ConfigError, match=r"another configuration \(fields: cache has \['feats'\]"):
         write_cache(setup.spec("data.synthetic_size=16", "data.views=1",
                                "teacher.cache_eval_view=false", cache=tmp_path / "c"), FIELDS)

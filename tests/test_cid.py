@@ -364,7 +364,8 @@ def test_sample_and_class_shape_methods() -> None:
     assert torch.equal(
         got, 0.5 * class_shape_loss(student.embedding, teacher.embedding, batch.labels)
     )
-    assert shape.teacher_fields == ("embedding",) and sample.teacher_fields == ("embedding",)
+    assert shape.needs.teacher_fields == ("embedding",)
+    assert sample.needs.teacher_fields == ("embedding",)
 
 
 class Net(nn.Module):
@@ -466,7 +467,7 @@ def test_teacher_centres_with_other_dims_and_full_context() -> None:
     method = CIDIntervention(
         InterventionOptions(centres="teacher", warmup_epochs=0, context="full"), ctx()
     )
-    assert method.g_new.in_features == D_S + D_T and method.teacher_fields == (
+    assert method.g_new.in_features == D_S + D_T and method.needs.teacher_fields == (
         "logits",
         "embedding",
     )
@@ -487,9 +488,10 @@ def test_ablations_and_declared_fields() -> None:
     assert set(out) == {"kl", "sample", "class_shape", "ce"}
     assert no_inv.eval_logits(student) is student.logits
     only_inv = CID(CIDOptions(use_sample=False, use_class=False), ctx())
-    assert only_inv.teacher_fields == ("logits",) and only_inv.no_decay_parameters() == []
+    assert only_inv.needs.teacher_fields == ("logits",) and only_inv.no_decay_parameters() == []
     full = CID(CIDOptions(), ctx())
-    assert full.teacher_fields == ("logits", "embedding") and not full.student_feats
+    assert full.needs.teacher_fields == ("logits", "embedding")
+    assert not full.needs.reads_stage_maps
     assert full._ddp_params_and_buffers_to_ignore == [
         "parts.intervention.acc_sum",
         "parts.intervention.acc_weight",
@@ -582,7 +584,7 @@ def test_end_epoch_refuses_accumulators_changed_from_outside() -> None:
 def test_requirements_follow_the_options() -> None:
     def fields(opts: CIDOptions | InterventionOptions) -> tuple[str, ...]:
         method = CID if isinstance(opts, CIDOptions) else CIDIntervention
-        return method.requirements(opts)["teacher_fields"]
+        return method.requirements(opts).teacher_fields
 
     assert fields(CIDOptions()) == ("logits", "embedding")
     assert fields(CIDOptions(use_sample=False, use_class=False)) == ("logits",)
@@ -592,5 +594,5 @@ def test_requirements_follow_the_options() -> None:
     )
     assert fields(InterventionOptions()) == ("logits",)
     assert fields(InterventionOptions(centres="teacher")) == ("logits", "embedding")
-    assert CIDSample.requirements(SampleOptions())["teacher_fields"] == ("embedding",)
-    assert CID.requirements(CIDOptions())["needs_teacher"] is True
+    assert CIDSample.requirements(SampleOptions()).teacher_fields == ("embedding",)
+    assert CID.requirements(CIDOptions()).needs_teacher is True

@@ -16,6 +16,7 @@ from pipeline.distill.cid import (
 from pipeline.distill.compose import Compose, ComposeOptions, merge_terms
 from pipeline.distill.kd import KD, KDOptions
 from pipeline.distill.losses import cross_entropy
+from pipeline.distill.requirements import Requirements
 from pipeline.types import Batch, ModelOutput, TeacherOutput
 
 C, D_S, D_T, B = 5, 4, 6, 10
@@ -78,8 +79,9 @@ def test_kd_plus_class_shape_terms_and_attributes() -> None:
     }
     for key, value in want.items():
         assert torch.equal(out[key], value), key
-    assert method.teacher_fields == ("logits", "embedding")
-    assert method.needs_teacher and not method.student_feats and not method.preact
+    assert method.needs.teacher_fields == ("logits", "embedding")
+    assert method.needs.needs_teacher and not method.needs.reads_stage_maps
+    assert not method.needs.preact
     assert method.eval_logits(student) is student.logits
     assert list(method.terms.keys()) == ["kd", "cid__class_shape"]
 
@@ -134,14 +136,10 @@ def test_no_decay_parameters_are_forwarded_and_two_evaluators_refused() -> None:
 def test_requirements_before_building() -> None:
     """What the trainer asks before building the method (which teacher fields to serve)."""
     shape = ComposeOptions(terms={"kd": KDOptions(), "cid.class_shape": ClassShapeOptions()})
-    assert Compose.requirements(shape) == {
-        "needs_teacher": True,
-        "teacher_fields": ("logits", "embedding"),
-        "student_feats": False,
-        "preact": False,
-    }
+    assert Compose.requirements(shape) == Requirements(
+        needs_teacher=True, teacher_fields=("logits", "embedding"), preact=False)
     inter = ComposeOptions(terms={"kd": {}, "cid.intervention": {"centres": "teacher"}})
-    assert Compose.requirements(inter)["teacher_fields"] == ("logits", "embedding")
+    assert Compose.requirements(inter).teacher_fields == ("logits", "embedding")
     alone = ComposeOptions(terms={"vanilla": {}, "cid.intervention": {}})
-    assert Compose.requirements(alone)["teacher_fields"] == ("logits",)
-    assert Compose(alone, CTX).teacher_fields == ("logits",)
+    assert Compose.requirements(alone).teacher_fields == ("logits",)
+    assert Compose(alone, CTX).needs.teacher_fields == ("logits",)

@@ -17,6 +17,7 @@ from pipeline.config import ConfigError, RunSpec, dump_config
 from pipeline.config.load import to_dataclass
 from pipeline.config.schema import DataSpec
 from pipeline.distill.base import METHODS, Method
+from pipeline.distill.requirements import Requirements
 from pipeline.models import MODELS
 from pipeline.registry import Registry
 
@@ -35,12 +36,12 @@ class _Options:
 
 class _TeacherMethod(Method):
     Options = _Options
-    needs_teacher = True
+    needs = Requirements(needs_teacher=True)
 
 
 class _PlainMethod(Method):
     Options = _Options
-    needs_teacher = False
+    needs = Requirements(needs_teacher=False)
 
 
 # The loader validates against the registry its caller injects: here the real methods plus two

@@ -126,7 +126,8 @@ def test_labels_never_used() -> None:
                                           torch.zeros(n, dtype=torch.long)))
     for key in a:
         assert torch.equal(a[key], c[key])
-    assert CoSS.teacher_fields == ("embedding",) and CoSS.needs_teacher
+    assert CoSS.needs.teacher_fields == ("embedding",) and CoSS.needs.needs_teacher
+    assert not CoSS.needs.uses_student_logits
 
 
 def test_errors() -> None:

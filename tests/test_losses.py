@@ -181,8 +181,8 @@ def naive_ce(z: torch.Tensor, y: torch.Tensor, eps: float = 0.0) -> float:
 def test_registry_holds_methods() -> None:
     assert METHODS.get("vanilla") is Vanilla
     assert METHODS.get("kd") is KD
-    assert Vanilla.needs_teacher is False and Vanilla.teacher_fields == ()
-    assert KD.needs_teacher is True and KD.teacher_fields == ("logits",)
+    assert Vanilla.needs.needs_teacher is False and Vanilla.needs.teacher_fields == ()
+    assert KD.needs.needs_teacher is True and KD.needs.teacher_fields == ("logits",)
 
 
 @pytest.mark.parametrize("eps", [0.0, 0.1])

@@ -164,22 +164,24 @@ def test_forward_backward_contract(arch: str) -> None:
         post = net(x[:1], feats=True)  # batch 1 is enough in eval mode
         pre = net(x[:1], feats=True, preact=True)
         torch.testing.assert_close(net.classifier(post.embedding), post.logits)
-    assert post.feats and all(f.dim() == 4 and f.shape[0] == 1 for f in post.feats)
+    assert post.feats and sorted(post.feats) == list(range(len(post.feats)))
+    post_maps, pre_maps = list(post.feats.values()), list(pre.feats.values())
+    assert all(f.dim() == 4 and f.shape[0] == 1 for f in post_maps)
     torch.testing.assert_close(pre.logits, post.logits)
-    assert [f.shape for f in pre.feats] == [f.shape for f in post.feats]
+    assert [f.shape for f in pre_maps] == [f.shape for f in post_maps]
     kind = type(net).__name__
-    stem_pre, stem_post = pre.feats[0], post.feats[0]
+    stem_pre, stem_post = pre_maps[0], post_maps[0]
     torch.testing.assert_close(stem_pre, stem_post)  # the stem map never changes with preact
     if kind in RELU_STAGES:
-        for a, b in zip(pre.feats[1:], post.feats[1:], strict=True):
+        for a, b in zip(pre_maps[1:], post_maps[1:], strict=True):
             assert (a < 0).any()  # really before the ReLU
             torch.testing.assert_close(F.relu(a), b)
     elif kind == "WideResNet":  # CRD's WRN: the BN output that follows each residual sum
-        pairs = zip(pre.feats[1:], post.feats[1:], strict=True)
+        pairs = zip(pre_maps[1:], post_maps[1:], strict=True)
         assert all(not torch.allclose(a, b) for a, b in pairs)
     else:  # MobileNetV2: linear bottlenecks, preact is the same map
         assert kind in LINEAR_STAGES
-        for a, b in zip(pre.feats, post.feats, strict=True):
+        for a, b in zip(pre_maps, post_maps, strict=True):
             torch.testing.assert_close(a, b)
 
 
@@ -188,7 +190,7 @@ def test_torchvision_native_size() -> None:
     with torch.no_grad():
         out = net(torch.randn(1, 3, 224, 224), feats=True)
     assert out.logits.shape == (1, 1000) and out.embedding.shape == (1, 512)
-    assert [tuple(f.shape[1:]) for f in out.feats] == [
+    assert [tuple(f.shape[1:]) for f in out.feats.values()] == [
         (64, 112, 112), (64, 56, 56), (128, 28, 28), (256, 14, 14), (512, 7, 7)]
 
 
@@ -198,11 +200,11 @@ def test_cifar_stage_shapes() -> None:
         wrn = build_model("wrn_40_2", 100).eval()(x, feats=True)
         vgg = build_model("vgg8", 100).eval()(x, feats=True)
         vgg64 = build_model("vgg8", 100).eval()(torch.randn(2, 3, 64, 64), feats=True)
-    assert [tuple(f.shape[1:]) for f in wrn.feats] == [
+    assert [tuple(f.shape[1:]) for f in wrn.feats.values()] == [
         (16, 32, 32), (32, 32, 32), (64, 16, 16), (128, 8, 8)]
-    assert [tuple(f.shape[1:]) for f in vgg.feats] == [
+    assert [tuple(f.shape[1:]) for f in vgg.feats.values()] == [
         (64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4), (512, 4, 4)]
-    assert tuple(vgg64.feats[-1].shape[1:]) == (512, 4, 4)  # the pool after group 3 is used
+    assert tuple(vgg64.feats[4].shape[1:]) == (512, 4, 4)  # the pool after group 3 is used
 
 
 def test_wrn_preact_updates_batchnorm_once() -> None:

@@ -58,7 +58,8 @@ def check_values(spec: RunSpec, method_cls: Any, root: str) -> None:
             key, _, message = str(err).partition(": ")
             fail(f"method.{key}", message, root)
     teacher = spec.teacher
-    if getattr(method_cls, "needs_teacher", False) and (teacher is None or not teacher.arch):
+    needs_teacher = getattr(_requirements(method_cls, options), "needs_teacher", False)
+    if needs_teacher and (teacher is None or not teacher.arch):
         name = spec.method["name"]
         raise ConfigError(
             f"{file_for('method.name', root)}: method {name!r} needs a teacher: set teacher.arch"
@@ -68,6 +69,13 @@ def check_values(spec: RunSpec, method_cls: Any, root: str) -> None:
     if teacher is not None and teacher.source == "cached" and data.ffcv_random_crop:
         fail("data.ffcv_random_crop", "expected false when teacher.source is 'cached': FFCV's own "
              "random crops are not the plan's views that the cache describes", root)
+
+
+def _requirements(method_cls: Any, options: Any) -> Any:
+    """The method's ``requirements(options)`` (a ``Requirements``; ``needs`` without options)."""
+    if options is None or not hasattr(method_cls, "requirements"):
+        return getattr(method_cls, "needs", None)
+    return method_cls.requirements(options)
 
 
 def check_archs(spec: RunSpec, models: Registry[Any], root: str) -> None:

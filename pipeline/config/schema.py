@@ -66,6 +66,8 @@ class TeacherSpec:
     cache_dir: str | None = None
     # Teacher cache (launch/cache_teacher.py, pipeline/teacher/cache_format.py):
     cache_fields: list[str] = field(default_factory=list)  # []: the fields the method needs
+    # stage maps to cache (indices of Net.stage_info, negative from the end); []: the method's
+    cache_stages: list[int] = field(default_factory=list)
     cache_topk: int = 0  # 0: full fp16 logits; k: top-k probabilities at the method's T
     cache_eval_view: bool = False  # also cache the deterministic eval view of every train sample
     cache_chunk: int = 4096  # rows per chunk (the unit of work, completion and checksums)

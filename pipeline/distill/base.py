@@ -1,8 +1,19 @@
 """The method contract: named, weighted loss terms from (student out, teacher out, batch).
 
 A method is an ``nn.Module`` that owns its extra trainable parts (CID's linear map, IPWD's extra
-head, ...). The trainer calls the teacher (or reads the cache) and hands the result in, so the same
-method runs with an online or a cached teacher. Each method file cites its paper and equation.
+head, FitNet's regressor, ...). The trainer calls the teacher (or reads the cache) and hands the
+result in, so the same method runs with an online or a cached teacher. Each method file cites
+its paper and equation.
+
+What a method reads is stated once, by ``requirements(opts)`` (a ``Requirements``; by default
+the class's ``needs``), before anything is built; the instance keeps it as ``self.needs``. The
+stage maps it asked for arrive in ``ModelOutput.feats`` / ``TeacherOutput.feats`` keyed by stage
+index, and their shapes are in the ``MethodContext`` it is built with.
+
+A method may declare initial phases (``phases(opts)``: AB's connector pre-training, FT's
+paraphraser) that run before the main training, each for its own epochs, with its own SGD over
+``phase_parameters(phase, student)`` at a constant learning rate; ``self.phase`` names the
+phase being trained (``MAIN_PHASE`` otherwise) and ``forward`` returns that phase's terms.
 """
 
 from __future__ import annotations
@@ -12,35 +23,76 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
+from pipeline.distill.requirements import Requirements
+from pipeline.models.features import resolve_stages
 from pipeline.registry import Registry
-from pipeline.types import Batch, ModelOutput, TeacherOutput
+from pipeline.types import Batch, ModelOutput, StageInfo, TeacherOutput
+
+MAIN_PHASE = "main"
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A training phase before the main one.
+
+    ``epochs`` of SGD (the run's momentum and weight decay) at the constant learning rate
+    ``lr`` over the method's ``phase_parameters``; ``uses_student``: False when the student
+    network is not run at all (FT's paraphraser learns from the teacher alone). Nothing is
+    evaluated during a phase; its metrics are logged under ``<name>/``.
+    """
+
+    name: str
+    epochs: int
+    lr: float
+    uses_student: bool = True
+
+    def __post_init__(self) -> None:
+        if self.name == MAIN_PHASE or not self.name.isidentifier():
+            raise ValueError(f"phase: expected a name other than {MAIN_PHASE!r}, found "
+                             f"{self.name!r}")
+        if self.epochs < 1 or self.lr <= 0:
+            raise ValueError(f"phase {self.name}: expected epochs >= 1 and lr > 0, found "
+                             f"{self.epochs} and {self.lr}")
 
 
 @dataclass(frozen=True)
 class MethodContext:
-    """Facts about the run that a method needs to build its parts."""
+    """Facts about the run that a method needs to build its parts.
+
+    ``student_stages`` / ``teacher_stages`` describe every stage map of each network at the
+    run's input size (``Net.stage_info``; empty for a run without a teacher); ``student_maps``
+    and ``teacher_maps`` pick those of a selection. ``train_labels`` (int64, one per training
+    sample, in index order) and ``num_train_samples`` are for methods that keep per-sample or
+    per-class state (CRD's memory banks, class priors).
+    """
 
     num_classes: int
     student_dim: int
     teacher_dim: int | None
     epochs: int
     steps_per_epoch: int
+    student_stages: tuple[StageInfo, ...] = ()
+    teacher_stages: tuple[StageInfo, ...] = ()
+    num_train_samples: int = 0
+    train_labels: Any = None  # torch.Tensor (num_train_samples,) int64, or None
+    image_size: int = 0
+
+    def student_maps(self, selection: tuple[int | str, ...]) -> tuple[StageInfo, ...]:
+        picked = resolve_stages(selection, len(self.student_stages), "student stage maps")
+        return tuple(self.student_stages[i] for i in picked)
+
+    def teacher_maps(self, selection: tuple[int | str, ...]) -> tuple[StageInfo, ...]:
+        picked = resolve_stages(selection, len(self.teacher_stages), "teacher stage maps")
+        return tuple(self.teacher_stages[i] for i in picked)
 
 
 class Method(nn.Module):
-    """Base class. Subclasses set ``Options`` (a dataclass of their config keys) and implement
-    ``forward`` returning a dict of already weighted loss terms, which the trainer sums."""
+    """Base class. Subclasses set ``Options`` (a dataclass of their config keys) and ``needs``
+    (or override ``requirements``), and implement ``forward`` returning a dict of already
+    weighted loss terms, which the trainer sums."""
 
     Options: ClassVar[type]
-    needs_teacher: ClassVar[bool] = True
-    # Teacher fields this method reads ("logits", "embedding", "feats"); checked at start-up.
-    teacher_fields: ClassVar[tuple[str, ...]] = ("logits",)
-    # Whether the student must return stage feature maps, and pre- or post-activation.
-    student_feats: ClassVar[bool] = False
-    # False when the loss never reaches the student's classifier (CoSS): DDP must then be told
-    # that some parameters get no gradient.
-    uses_student_logits: ClassVar[bool] = True
-    preact: ClassVar[bool] = False
+    needs: ClassVar[Requirements] = Requirements()
 
     @classmethod
     def parse_options(cls, raw: dict[str, Any], where: str, file: str) -> Any:
@@ -54,15 +106,15 @@ class Method(nn.Module):
         return to_dataclass(cls.Options, raw, where, file)
 
     @classmethod
-    def requirements(cls, opts: Any) -> dict[str, Any]:
-        """What a run with these options needs before the method is built: ``needs_teacher``,
-        ``teacher_fields``, ``student_feats``, ``preact``. Composite methods override it."""
-        return {
-            "needs_teacher": cls.needs_teacher,
-            "teacher_fields": tuple(cls.teacher_fields),
-            "student_feats": cls.student_feats,
-            "preact": cls.preact,
-        }
+    def requirements(cls, opts: Any) -> Requirements:
+        """What a run with these options reads (see ``Requirements``); by default ``needs``.
+        Methods whose needs depend on their options, and composite methods, override it."""
+        return cls.needs
+
+    @classmethod
+    def phases(cls, opts: Any) -> tuple[Phase, ...]:
+        """The phases this method trains before the main one, in order (none by default)."""
+        return ()
 
     @classmethod
     def check_run(cls, opts: Any, epochs: int) -> None:
@@ -75,6 +127,17 @@ class Method(nn.Module):
         self.opts = opts
         self.ctx = ctx
         self.epoch = 0
+        self.needs = type(self).requirements(opts)
+        self.phase = MAIN_PHASE
+
+    def set_phase(self, name: str) -> None:
+        """Called by the trainer before each epoch: the phase it belongs to."""
+        self.phase = name
+
+    def phase_parameters(self, phase: Phase, student: nn.Module) -> list[nn.Parameter]:
+        """The parameters the SGD of ``phase`` optimises (a method with phases defines it)."""
+        raise NotImplementedError(f"{type(self).__name__} declares phase {phase.name!r} but not "
+                                  "its parameters")
 
     def forward(  # type: ignore[override]
         self, student: ModelOutput, teacher: TeacherOutput | None, batch: Batch
@@ -86,7 +149,8 @@ class Method(nn.Module):
         return student.logits
 
     def start_epoch(self, epoch: int) -> None:
-        """Called before each training epoch (0-based)."""
+        """Called before each training epoch of the main phase (0-based; phases before the main
+        one do not count)."""
         self.epoch = epoch
 
     def end_epoch(self, epoch: int) -> None:

@@ -73,6 +73,7 @@ from pipeline.distill.cid_terms import (
 )
 from pipeline.distill.compose import mark_rank_local_buffers
 from pipeline.distill.losses import cross_entropy, kd_loss
+from pipeline.distill.requirements import Requirements
 from pipeline.types import Batch, ModelOutput, TeacherOutput
 
 CODE_WARMUP, CODE_EPOCHS = 20, 240  # init_epochs and epochs of the authors' CIFAR-100 runs
@@ -144,7 +145,7 @@ class CIDSample(Method):
     """α·NM_MSE(W h_s + b, h_t) (eqs. 1, 3). Term: ``sample``."""
 
     Options = SampleOptions
-    teacher_fields: tuple[str, ...] = ("embedding",)
+    needs = Requirements(teacher_fields=("embedding",))
 
     def __init__(self, opts: SampleOptions, ctx: MethodContext) -> None:
         super().__init__(opts, ctx)
@@ -181,7 +182,7 @@ class CIDClassShape(Method):
     ``class_shape``."""
 
     Options = ClassShapeOptions
-    teacher_fields: tuple[str, ...] = ("embedding",)
+    needs = Requirements(teacher_fields=("embedding",))
 
     def forward(  # type: ignore[override]
         self, student: ModelOutput, teacher: TeacherOutput | None, batch: Batch
@@ -213,13 +214,12 @@ class CIDIntervention(Method):
     kept across epochs. Term: ``intervention_ce``."""
 
     Options = InterventionOptions
-    teacher_fields: tuple[str, ...] = ("logits",)
     RANK_LOCAL_BUFFERS = ("acc_sum", "acc_weight")
 
     @classmethod
-    def requirements(cls, opts: InterventionOptions) -> dict[str, Any]:
+    def requirements(cls, opts: InterventionOptions) -> Requirements:
         fields = ("logits", "embedding") if opts.centres == "teacher" else ("logits",)
-        return {**super().requirements(opts), "teacher_fields": fields}
+        return Requirements(teacher_fields=fields)
 
     @classmethod
     def check_run(cls, opts: InterventionOptions, epochs: int) -> None:
@@ -227,7 +227,6 @@ class CIDIntervention(Method):
 
     def __init__(self, opts: InterventionOptions, ctx: MethodContext) -> None:
         super().__init__(opts, ctx)
-        self.teacher_fields = self.requirements(opts)["teacher_fields"]
         if opts.centres == "teacher" and ctx.teacher_dim is None:
             raise ValueError(
                 "method cid.intervention: centres 'teacher' needs the teacher's embedding size, "
@@ -372,14 +371,12 @@ class CID(Method):
     ``sample``, ``class_shape``, ``intervention_ce`` (``ce`` instead without intervention)."""
 
     Options = CIDOptions
-    teacher_fields: tuple[str, ...] = ("logits", "embedding")
 
     @classmethod
-    def requirements(cls, opts: CIDOptions) -> dict[str, Any]:
+    def requirements(cls, opts: CIDOptions) -> Requirements:
         teacher_centres = opts.use_intervention and opts.centres == "teacher"
         embedding = opts.use_sample or opts.use_class or teacher_centres
-        fields = ("logits", "embedding") if embedding else ("logits",)
-        return {**super().requirements(opts), "teacher_fields": fields}
+        return Requirements(teacher_fields=("logits", "embedding") if embedding else ("logits",))
 
     @classmethod
     def check_run(cls, opts: CIDOptions, epochs: int) -> None:
@@ -407,7 +404,6 @@ class CID(Method):
                 ),
                 ctx,
             )
-        self.teacher_fields = self.requirements(opts)["teacher_fields"]
         mark_rank_local_buffers(self)
 
     def forward(  # type: ignore[override]

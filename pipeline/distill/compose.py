@@ -18,10 +18,20 @@ This reproduces the CID appendix experiments that add one CID component to a KD 
 ``kd + cid.intervention`` ("+Intervention", appendix B, Table 1) and ``kd + cid.class_shape``
 ("+ClassRep", appendix C, Table 2).
 
-The composite declares the union of its terms' teacher fields, needs the teacher or the
-student's stage maps if any term does, evaluates with the one term that overrides
+The composite's requirements are the merge of its terms' (``requirements.merge``: the union
+of teacher fields and stage maps; terms that read stage maps must agree on pre- vs
+post-activation); every term is built with the same ``MethodContext`` and finds the stage maps
+it selected among the merged ones by stage index. It evaluates with the one term that overrides
 ``eval_logits`` (more than one is an error), and forwards ``start_epoch``, ``end_epoch``,
-``no_decay_parameters`` and ``epoch_metrics`` to every term.
+``set_phase``, ``no_decay_parameters`` and ``epoch_metrics`` to every term.
+
+Phases: at most one term may declare initial phases (AB's or FT's pre-training); during such a
+phase only that term contributes, so ``kd + ab`` pre-trains AB's connectors alone and then
+trains CE + KD, as RepDistiller does.
+
+Cross-entropy on the student's head: the baselines return it too (``ce_weight``, 1 by default,
+for the CRD-paper form CE + β·L); a composite in which more than one term has a positive
+``ce_weight`` would count it twice and is refused when the config is loaded.
 """
 
 from __future__ import annotations
@@ -32,9 +42,10 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from pipeline.distill.base import METHODS, Method, MethodContext
+from pipeline.distill.base import MAIN_PHASE, METHODS, Method, MethodContext, Phase
+from pipeline.distill.requirements import Requirements, merge
 from pipeline.registry import closest
-from pipeline.types import TEACHER_FIELDS, Batch, ModelOutput, TeacherOutput
+from pipeline.types import Batch, ModelOutput, TeacherOutput
 
 RANK_LOCAL_ATTR = "RANK_LOCAL_BUFFERS"
 
@@ -140,31 +151,31 @@ class Compose(Method):
 
     @classmethod
     def check_run(cls, opts: ComposeOptions, epochs: int) -> None:
-        for name, (method, o) in _term_specs(opts).items():
+        specs = _term_specs(opts)
+        for name, (method, o) in specs.items():
             try:
                 method.check_run(o, epochs)
             except ValueError as err:
                 raise ValueError(f"terms.{name}.{err}") from err
+        with_ce = [n for n, (_, o) in specs.items() if getattr(o, "ce_weight", 0) > 0]
+        if len(with_ce) > 1:
+            raise ValueError(
+                f"terms.{with_ce[1]}.ce_weight: terms {with_ce} each add the cross-entropy on the "
+                "student's head, which would count it twice; set ce_weight: 0 on all but one")
+        phased = [n for n, (method, o) in specs.items() if method.phases(o)]
+        if len(phased) > 1:
+            raise ValueError(f"terms: more than one term has initial phases: {phased}; keep one")
+        cls.requirements(opts)  # disagreeing terms are a config error too
 
     @classmethod
-    def requirements(cls, opts: ComposeOptions) -> dict[str, Any]:
-        """The union of the terms' requirements (see ``Method.requirements``)."""
-        needs = {name: method.requirements(o) for name, (method, o) in _term_specs(opts).items()}
-        with_feats = [name for name, r in needs.items() if r["student_feats"]]
-        preacts = {needs[name]["preact"] for name in with_feats}
-        if len(preacts) > 1:
-            raise ValueError(
-                "method.terms: the terms that read the student's stage maps disagree on preact "
-                f"(pre- vs post-activation): {with_feats}"
-            )
-        return {
-            "needs_teacher": any(r["needs_teacher"] for r in needs.values()),
-            "teacher_fields": tuple(
-                f for f in TEACHER_FIELDS if any(f in r["teacher_fields"] for r in needs.values())
-            ),
-            "student_feats": bool(with_feats),
-            "preact": preacts.pop() if preacts else False,
-        }
+    def requirements(cls, opts: ComposeOptions) -> Requirements:
+        """The merge of the terms' requirements (see ``requirements.merge``)."""
+        return merge((name, method.requirements(o))
+                     for name, (method, o) in _term_specs(opts).items())
+
+    @classmethod
+    def phases(cls, opts: ComposeOptions) -> tuple[Phase, ...]:
+        return tuple(p for method, o in _term_specs(opts).values() for p in method.phases(o))
 
     def __init__(self, opts: ComposeOptions, ctx: MethodContext) -> None:
         super().__init__(opts, ctx)
@@ -176,12 +187,6 @@ class Compose(Method):
             if key in self.terms:
                 raise ValueError(f"method.terms: {name!r} clashes with another term's key {key!r}")
             self.terms[key] = method_cls(options, ctx)
-        needs = self.requirements(opts)
-        self.teacher_fields = needs["teacher_fields"]
-        self.needs_teacher = needs["needs_teacher"]
-        self.student_feats = needs["student_feats"]
-        self.preact = needs["preact"]
-        self.uses_student_logits = any(m.uses_student_logits for m in self.terms.values())
         parts = self._parts()
         evaluators = [(n, m) for n, m in parts if overrides_eval_logits(m)]
         if len(evaluators) > 1:
@@ -195,10 +200,27 @@ class Compose(Method):
     def _parts(self) -> list[tuple[str, Method]]:
         return [(name, self.terms[module_key(name)]) for name in self.term_names]  # type: ignore[misc]
 
+    def _active(self) -> list[tuple[str, Method]]:
+        """The terms that train in the current phase: all of them in the main phase, the one
+        that declared an initial phase during it."""
+        if self.phase == MAIN_PHASE:
+            return self._parts()
+        return [(n, m) for n, m in self._parts()
+                if any(p.name == self.phase for p in type(m).phases(m.opts))]
+
     def forward(  # type: ignore[override]
         self, student: ModelOutput, teacher: TeacherOutput | None, batch: Batch
     ) -> dict[str, Tensor]:
-        return merge_terms([(n, m(student, teacher, batch)) for n, m in self._parts()])
+        return merge_terms([(n, m(student, teacher, batch)) for n, m in self._active()])
+
+    def set_phase(self, name: str) -> None:
+        super().set_phase(name)
+        for _, m in self._parts():
+            m.set_phase(name)
+
+    def phase_parameters(self, phase: Phase, student: nn.Module) -> list[nn.Parameter]:
+        owners = [m for n, m in self._parts() if phase in type(m).phases(m.opts)]
+        return owners[0].phase_parameters(phase, student)
 
     def eval_logits(self, student: ModelOutput) -> Tensor:
         if self.evaluator is None:

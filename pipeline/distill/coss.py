@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.distill.base import METHODS, Method, MethodContext
+from pipeline.distill.requirements import Requirements
 from pipeline.types import Batch, ModelOutput, TeacherOutput
 
 T_TEMP, S_TEMP = 0.07, 0.1  # ImageNet code: --t-temp 0.07 --s-temp 0.1
@@ -99,9 +100,8 @@ class CoSS(Method):
     """Unsupervised distillation: per-sample cosine plus per-feature (space) similarity."""
 
     Options = CoSSOptions
-    needs_teacher = True
-    teacher_fields = ("embedding",)
-    uses_student_logits = False  # label-free: the classifier gets no gradient
+    # label-free: the classifier gets no gradient
+    needs = Requirements(teacher_fields=("embedding",), uses_student_logits=False)
 
     def __init__(self, opts: CoSSOptions, ctx: MethodContext) -> None:
         super().__init__(opts, ctx)

@@ -68,6 +68,7 @@ from torch import Tensor, nn
 from pipeline.dist import all_reduce_sum, is_distributed
 from pipeline.distill.base import METHODS, Method, MethodContext
 from pipeline.distill.losses import cross_entropy, kd_loss_per_sample
+from pipeline.distill.requirements import Requirements
 from pipeline.types import Batch, ModelOutput, TeacherOutput
 
 WeightRule = Literal["propensity", "summary"]
@@ -190,8 +191,7 @@ class IPWD(Method):
     """KD with per-sample inverse-probability weights from a KD head and a CE head."""
 
     Options = IPWDOptions
-    needs_teacher = True
-    teacher_fields = ("logits",)
+    needs = Requirements(teacher_fields=("logits",))
 
     @classmethod
     def check_run(cls, opts: IPWDOptions, epochs: int) -> None:

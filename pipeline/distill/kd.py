@@ -17,6 +17,7 @@ from torch import Tensor
 from pipeline.distill.base import METHODS, Method
 from pipeline.distill.losses import cross_entropy, kd_loss
 from pipeline.distill.options import check_temperature, check_weights
+from pipeline.distill.requirements import Requirements
 from pipeline.types import Batch, ModelOutput, TeacherOutput
 
 
@@ -38,8 +39,7 @@ class KD(Method):
     """Match the teacher's temperature-softened class distribution."""
 
     Options = KDOptions
-    needs_teacher = True
-    teacher_fields = ("logits",)
+    needs = Requirements(teacher_fields=("logits",))
 
     def forward(  # type: ignore[override]
         self, student: ModelOutput, teacher: TeacherOutput | None, batch: Batch

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from pipeline.distill.base import METHODS, Method
 from pipeline.distill.losses import cross_entropy, mse_prob_loss
+from pipeline.distill.requirements import Requirements
 from pipeline.types import Batch, ModelOutput, TeacherOutput
 
 
@@ -55,8 +56,7 @@ class Vanilla(Method):
     """Hard-label training without a teacher."""
 
     Options = VanillaOptions
-    needs_teacher = False
-    teacher_fields = ()
+    needs = Requirements(needs_teacher=False, teacher_fields=())
 
     def forward(  # type: ignore[override]
         self, student: ModelOutput, teacher: TeacherOutput | None, batch: Batch

@@ -43,6 +43,7 @@ from torch import Tensor
 from pipeline.distill.base import METHODS, Method
 from pipeline.distill.losses import cross_entropy
 from pipeline.distill.options import check_temperature, check_weights
+from pipeline.distill.requirements import Requirements
 from pipeline.types import Batch, ModelOutput, TeacherOutput
 
 RATIO_EPS = 1e-7  # the code's ε in CE_s / (CE_t + ε)
@@ -98,8 +99,7 @@ class WSLD(Method):
     """Soft-label distillation weighted per sample by the student/teacher CE ratio."""
 
     Options = WSLDOptions
-    needs_teacher = True
-    teacher_fields = ("logits",)
+    needs = Requirements(teacher_fields=("logits",))
 
     def forward(  # type: ignore[override]
         self, student: ModelOutput, teacher: TeacherOutput | None, batch: Batch

@@ -1,33 +1,65 @@
 """The model contract: every network returns a ``ModelOutput``.
 
-``forward(x, feats=False, preact=False)``: logits, the pooled penultimate embedding, and, only
-when ``feats`` is true, the list of stage feature maps (post-activation, or pre-activation when
-``preact`` is true). ``embedding_dim`` is the size of the embedding; ``native_size`` the input
-resolution the network was designed for.
+``forward(x, feats=False, preact=False)``: logits, the pooled penultimate embedding, and the
+stage maps asked for by ``feats`` (False: none; True: every stage; a tuple of stage indices:
+those), post-activation, or pre-activation when ``preact`` is true, as ``{stage index: map}``.
+Stage 0 is the stem, then one entry per stage (each network file says which tensors).
+``embedding_dim`` is the size of the embedding; ``native_size`` the input resolution the network
+was designed for; ``stage_info(size)`` describes every stage map at an input size before
+training (``pipeline.models.features``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from torch import Tensor, nn
 
 from pipeline.registry import Registry
-from pipeline.types import ModelOutput
+from pipeline.types import FeatureRequest, ModelOutput, StageInfo
 
 MODELS: Registry[Callable[..., Net]] = Registry("model")
+TIMM_PREFIX = "timm:"  # model.arch: timm:<name> → timm.create_model(<name>, pretrained=False)
 
 
 class Net(nn.Module):
     embedding_dim: int
     native_size: int = 32
+    # Names of the stage maps, stem first (``StageInfo.name``); "stage<i>" where not given.
+    stage_names: tuple[str, ...] = ()
 
-    def forward(self, x: Tensor, feats: bool = False, preact: bool = False) -> ModelOutput:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        self, x: Tensor, feats: FeatureRequest = False, preact: bool = False
+    ) -> ModelOutput:
         raise NotImplementedError
+
+    def stage_info(self, image_size: int | None = None) -> tuple[StageInfo, ...]:
+        """Every stage map at ``image_size`` (default ``native_size``), from one probe forward."""
+        from pipeline.models.features import probe_feature_info
+
+        return probe_feature_info(self, image_size or self.native_size)
+
+
+def pick_stages(maps: Sequence[Tensor] | None, feats: FeatureRequest) -> dict[int, Tensor] | None:
+    """The maps ``feats`` asks for, keyed by stage index (see the module docstring)."""
+    if maps is None or feats is False:
+        return None
+    if feats is True:
+        return dict(enumerate(maps))
+    missing = [i for i in feats if not 0 <= i < len(maps)]
+    if missing:
+        raise IndexError(
+            f"stage maps: expected stage indices in 0..{len(maps) - 1}, found {missing}")
+    return {i: maps[i] for i in feats}
 
 
 def build_model(arch: str, num_classes: int) -> Net:
-    """Build a registered network by name (``resnet20``, ``wrn_40_2``, ``resnet18`` ...)."""
+    """Build a network by name: a registered one (``resnet20``, ``wrn_40_2``, ``resnet18`` ...)
+    or ``timm:<name>`` (``pipeline.models.timm_nets``)."""
+    if arch.startswith(TIMM_PREFIX):
+        from pipeline.models.timm_nets import build_timm
+
+        return build_timm(arch[len(TIMM_PREFIX):], num_classes)
     import pipeline.models  # noqa: F401  (fills the registry)
 
     return MODELS.get(arch)(num_classes=num_classes)

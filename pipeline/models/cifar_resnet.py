@@ -19,9 +19,9 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.models.base import MODELS, Net
+from pipeline.models.base import MODELS, Net, pick_stages
 from pipeline.models.zoo_utils import global_pool, he_init, run_stage
-from pipeline.types import ModelOutput
+from pipeline.types import FeatureRequest, ModelOutput
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -64,6 +64,7 @@ class CifarResNet(Net):
     """ResNet-``depth`` for 32x32 inputs; ``widths`` = (stem, stage1, stage2, stage3)."""
 
     native_size = 32
+    stage_names = ("stem", "layer1", "layer2", "layer3")
 
     def __init__(
         self, depth: int, widths: tuple[int, int, int, int] = (16, 16, 32, 64),
@@ -87,7 +88,9 @@ class CifarResNet(Net):
         """The final linear layer (stored as ``fc``, RepDistiller's name; replace ``fc``)."""
         return self.fc
 
-    def forward(self, x: Tensor, feats: bool = False, preact: bool = False) -> ModelOutput:
+    def forward(
+        self, x: Tensor, feats: FeatureRequest = False, preact: bool = False
+    ) -> ModelOutput:
         x = F.relu(self.bn1(self.conv1(x)))
         maps = [x] if feats else None
         for stage in (self.layer1, self.layer2, self.layer3):
@@ -95,7 +98,7 @@ class CifarResNet(Net):
             if maps is not None:
                 maps.append(pre if preact else x)
         embedding = global_pool(x)
-        return ModelOutput(self.fc(embedding), embedding, maps)
+        return ModelOutput(self.fc(embedding), embedding, pick_stages(maps, feats))
 
 
 @MODELS.register("resnet8")

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from pipeline.models.base import MODELS, Net
+from pipeline.models.base import MODELS, Net, pick_stages
 from pipeline.models.zoo_utils import LinearHead, global_pool, he_init
-from pipeline.types import ModelOutput
+from pipeline.types import FeatureRequest, ModelOutput
 
 # (expansion t, channels c, repeats n, first stride s) per group, before the width multiplier
 SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
@@ -88,7 +88,9 @@ class CifarMobileNetV2(Net):
         self.embedding_dim = last
         he_init(self, linear_std=0.01)
 
-    def forward(self, x: Tensor, feats: bool = False, preact: bool = False) -> ModelOutput:
+    def forward(
+        self, x: Tensor, feats: FeatureRequest = False, preact: bool = False
+    ) -> ModelOutput:
         x = self.conv1(x)
         maps = [x] if feats else None
         for g, group in enumerate(self.blocks):
@@ -96,7 +98,7 @@ class CifarMobileNetV2(Net):
             if maps is not None and g in STAGE_GROUPS:
                 maps.append(x)
         embedding = global_pool(self.conv2(x))
-        return ModelOutput(self.classifier(embedding), embedding, maps)
+        return ModelOutput(self.classifier(embedding), embedding, pick_stages(maps, feats))
 
 
 @MODELS.register("mobilenetv2")

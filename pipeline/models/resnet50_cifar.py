@@ -18,9 +18,9 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.models.base import MODELS, Net
+from pipeline.models.base import MODELS, Net, pick_stages
 from pipeline.models.zoo_utils import global_pool, he_init, run_stage
-from pipeline.types import ModelOutput
+from pipeline.types import FeatureRequest, ModelOutput
 
 
 class Bottleneck(nn.Module):
@@ -85,7 +85,9 @@ class CifarBottleneckResNet(Net):
         """The final linear layer (stored as ``linear``, RepDistiller's name; replace that)."""
         return self.linear
 
-    def forward(self, x: Tensor, feats: bool = False, preact: bool = False) -> ModelOutput:
+    def forward(
+        self, x: Tensor, feats: FeatureRequest = False, preact: bool = False
+    ) -> ModelOutput:
         x = F.relu(self.bn1(self.conv1(x)))
         maps = [x] if feats else None
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
@@ -93,7 +95,7 @@ class CifarBottleneckResNet(Net):
             if maps is not None:
                 maps.append(pre if preact else x)
         embedding = global_pool(x)
-        return ModelOutput(self.linear(embedding), embedding, maps)
+        return ModelOutput(self.linear(embedding), embedding, pick_stages(maps, feats))
 
 
 @MODELS.register("resnet50_cifar")

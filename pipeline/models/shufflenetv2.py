@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.models.base import MODELS, Net
+from pipeline.models.base import MODELS, Net, pick_stages
 from pipeline.models.zoo_utils import channel_shuffle, global_pool, run_stage
-from pipeline.types import ModelOutput
+from pipeline.types import FeatureRequest, ModelOutput
 
 
 def _conv(cin: int, cout: int, kernel: int = 1, stride: int = 1,
@@ -117,7 +117,9 @@ class CifarShuffleNetV2(Net):
         """The final linear layer (stored as ``linear``, RepDistiller's name; replace that)."""
         return self.linear
 
-    def forward(self, x: Tensor, feats: bool = False, preact: bool = False) -> ModelOutput:
+    def forward(
+        self, x: Tensor, feats: FeatureRequest = False, preact: bool = False
+    ) -> ModelOutput:
         x = F.relu(self.bn1(self.conv1(x)))
         maps = [x] if feats else None
         for stage in (self.layer1, self.layer2, self.layer3):
@@ -125,7 +127,7 @@ class CifarShuffleNetV2(Net):
             if maps is not None:
                 maps.append(pre if preact else x)
         embedding = global_pool(F.relu(self.bn2(self.conv2(x))))
-        return ModelOutput(self.linear(embedding), embedding, maps)
+        return ModelOutput(self.linear(embedding), embedding, pick_stages(maps, feats))
 
 
 @MODELS.register("shufflev2")

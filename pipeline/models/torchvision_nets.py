@@ -27,9 +27,9 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from pipeline.models.base import MODELS, Net
+from pipeline.models.base import MODELS, Net, pick_stages
 from pipeline.models.zoo_utils import LinearHead
-from pipeline.types import ModelOutput
+from pipeline.types import FeatureRequest, ModelOutput
 
 
 def _adopt_children(wrapper: nn.Module, model: nn.Module) -> None:
@@ -57,6 +57,7 @@ class TorchvisionResNet(Net):
     """A torchvision ResNet (``arch`` = resnet18, resnet34, resnet50, ...) as a ``Net``."""
 
     native_size = 224
+    stage_names = ("stem", "layer1", "layer2", "layer3", "layer4")
 
     def __init__(self, arch: str, num_classes: int = 1000) -> None:
         super().__init__()
@@ -70,7 +71,9 @@ class TorchvisionResNet(Net):
         """The final linear layer (stored as ``fc``, torchvision's name; replace ``fc``)."""
         return self.fc
 
-    def forward(self, x: Tensor, feats: bool = False, preact: bool = False) -> ModelOutput:
+    def forward(
+        self, x: Tensor, feats: FeatureRequest = False, preact: bool = False
+    ) -> ModelOutput:
         x = self.relu(self.bn1(self.conv1(x)))
         maps = [x] if feats else None
         x = self.maxpool(x)
@@ -86,7 +89,7 @@ class TorchvisionResNet(Net):
                 if maps is not None:
                     maps.append(x)
         embedding = torch.flatten(self.avgpool(x), 1)
-        return ModelOutput(self.fc(embedding), embedding, maps)
+        return ModelOutput(self.fc(embedding), embedding, pick_stages(maps, feats))
 
 
 class TorchvisionMobileNetV2(Net):
@@ -105,14 +108,16 @@ class TorchvisionMobileNetV2(Net):
         self.tv_arch = "mobilenet_v2"
         self.embedding_dim = self.classifier.in_features
 
-    def forward(self, x: Tensor, feats: bool = False, preact: bool = False) -> ModelOutput:
+    def forward(
+        self, x: Tensor, feats: FeatureRequest = False, preact: bool = False
+    ) -> ModelOutput:
         maps: list[Tensor] | None = [] if feats else None
         for i, layer in enumerate(self.features):
             x = layer(x)
             if maps is not None and i in self.stage_ends:
                 maps.append(x)
         embedding = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
-        return ModelOutput(self.classifier(embedding), embedding, maps)
+        return ModelOutput(self.classifier(embedding), embedding, pick_stages(maps, feats))
 
 
 @MODELS.register("resnet18")

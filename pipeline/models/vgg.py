@@ -21,9 +21,9 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.models.base import MODELS, Net
+from pipeline.models.base import MODELS, Net, pick_stages
 from pipeline.models.zoo_utils import global_pool, he_init
-from pipeline.types import ModelOutput
+from pipeline.types import FeatureRequest, ModelOutput
 
 VGG_GROUPS: dict[str, tuple[tuple[int, ...], ...]] = {
     "vgg8": ((64,), (128,), (256,), (512,), (512,)),
@@ -61,7 +61,9 @@ class CifarVGG(Net):
         self.embedding_dim = cin
         he_init(self, linear_std=0.01)
 
-    def forward(self, x: Tensor, feats: bool = False, preact: bool = False) -> ModelOutput:
+    def forward(
+        self, x: Tensor, feats: FeatureRequest = False, preact: bool = False
+    ) -> ModelOutput:
         small = x.shape[-2] <= 32
         blocks = [self.block0, self.block1, self.block2, self.block3, self.block4]
         x = F.relu(blocks[0](x))
@@ -74,7 +76,7 @@ class CifarVGG(Net):
             if maps is not None:
                 maps.append(pre if preact else x)
         embedding = global_pool(x)
-        return ModelOutput(self.classifier(embedding), embedding, maps)
+        return ModelOutput(self.classifier(embedding), embedding, pick_stages(maps, feats))
 
 
 @MODELS.register("vgg8")

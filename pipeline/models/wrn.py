@@ -25,9 +25,9 @@ import math
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.models.base import MODELS, Net
+from pipeline.models.base import MODELS, Net, pick_stages
 from pipeline.models.zoo_utils import global_pool
-from pipeline.types import ModelOutput
+from pipeline.types import FeatureRequest, ModelOutput
 
 
 class PreActBlock(nn.Module):
@@ -87,6 +87,7 @@ class WideResNet(Net):
     """WRN-``depth``-``width`` for 32x32 inputs."""
 
     native_size = 32
+    stage_names = ("stem", "block1", "block2", "block3")
 
     def __init__(self, depth: int, width: int, num_classes: int = 100,
                  drop_rate: float = 0.0) -> None:
@@ -124,7 +125,9 @@ class WideResNet(Net):
         """The final linear layer (stored as ``fc``, RepDistiller's name; replace ``fc``)."""
         return self.fc
 
-    def forward(self, x: Tensor, feats: bool = False, preact: bool = False) -> ModelOutput:
+    def forward(
+        self, x: Tensor, feats: FeatureRequest = False, preact: bool = False
+    ) -> ModelOutput:
         f0 = self.conv1(x)
         f1 = self.block1(f0)
         if feats and preact:
@@ -138,7 +141,7 @@ class WideResNet(Net):
         maps = None
         if feats:
             maps = [f0, p1, p2, p3] if preact else [f0, f1, f2, f3]
-        return ModelOutput(self.fc(embedding), embedding, maps)
+        return ModelOutput(self.fc(embedding), embedding, pick_stages(maps, feats))
 
 
 def wide_resnet(depth: int, width: int, num_classes: int) -> WideResNet:

@@ -7,7 +7,8 @@ A cache is a directory::
     logits_topk_p.npy      (K·N, k) fp16 and logits_topk_i.npy (K·N, k) int16/int32, instead of
                            logits.npy when ``teacher.cache_topk`` = k > 0 (see ``topk.py``)
     embedding.npy          (K·N, D) fp16: pooled penultimate vector
-    feats_<s>.npy          (K·N, C_s, H_s, W_s) fp16: stage map s, only when asked and small
+    feats_<s>.npy          (K·N, C_s, H_s, W_s) fp16: stage map s (``Net.stage_info`` index),
+                           only the stages the method reads (``stages`` in the manifest)
     eval_<name>.npy        (N, ...) the same arrays for the deterministic eval view of every
                            TRAIN sample (``teacher.cache_eval_view``; embedding at least)
     done/v<v>_c<c>.json    completion marker of chunk c of view v (``eval_c<c>.json``: eval view)
@@ -34,7 +35,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 FORMAT_NAME = "kd-teacher-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: stage maps of the selected stages only, listed in ``stages``
 MANIFEST = "manifest.json"
 DONE_DIR = "done"
 EVAL_PREFIX = "eval_"
@@ -101,6 +102,7 @@ class Manifest:
     eval_view: bool
     chunk: int  # samples per chunk
     fields: list[str]  # TeacherOutput fields held: logits, embedding, feats
+    stages: list[int]  # stage indices of the feats_<s> arrays (empty without feats)
     logits: dict[str, Any] | None  # {"mode": "full"} or {"mode": "topk", "k", "temperature"}
     arrays: dict[str, ArraySpec]
     precision: str  # what the teacher ran in: fp32, bf16, fp16
@@ -117,6 +119,10 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "manifest") -> Manifest:
+        if d.get("format") == FORMAT_NAME and d.get("version") == 1:
+            raise ValueError(
+                f"{where}: a cache of format version 1 (every stage map; written before stage "
+                "selection): rewrite it with launch/cache_teacher.py into an empty directory")
         if d.get("format") != FORMAT_NAME or d.get("version") != FORMAT_VERSION:
             raise ValueError(
                 f"{where}: expected a {FORMAT_NAME} manifest of version {FORMAT_VERSION}, found "

@@ -35,6 +35,7 @@ from pipeline.config.schema import RunSpec
 from pipeline.data import AugPlan, DatasetIndex, build_index
 from pipeline.data.device import to_device
 from pipeline.data.transforms import EvalTransform
+from pipeline.models.features import StageSelection, resolve_stages
 from pipeline.teacher.cache_format import (
     DONE_DIR,
     EVAL_PREFIX,
@@ -98,11 +99,33 @@ def autocast_for(spec: RunSpec, device: torch.device) -> tuple[Any, str]:
     return contextlib.nullcontext(), "fp32"
 
 
+def cache_stages(
+    spec: RunSpec, fields: tuple[str, ...], model: torch.nn.Module, selection: StageSelection
+) -> tuple[int, ...]:
+    """The stage maps to cache: ``teacher.cache_stages`` or, when empty, the method's selection,
+    as indices of the teacher's ``stage_info`` at the training crop size (none without feats)."""
+    if "feats" not in fields:
+        return ()
+    assert spec.teacher is not None
+    chosen = tuple(spec.teacher.cache_stages) or tuple(selection)
+    if not chosen:
+        raise ConfigError(
+            "teacher.cache_stages: 'feats' is in teacher.cache_fields but the method reads no "
+            "stage maps; name the stages to cache (indices of the teacher's stage maps, 0 = the "
+            "stem, -1 = the last) or drop 'feats'")
+    num = len(model.stage_info(spec.data.image_size))
+    try:
+        return resolve_stages(chosen, num, "teacher.cache_stages")
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+
+
 def build_manifest(
     spec: RunSpec, index: DatasetIndex, model: torch.nn.Module, fields: tuple[str, ...],
-    preact: bool, num_classes: int, precision: str,
+    preact: bool, num_classes: int, precision: str, stages: tuple[int, ...] = (),
 ) -> Manifest:
-    """The manifest of the cache ``spec`` asks for; array shapes come from one probe forward."""
+    """The manifest of the cache ``spec`` asks for; array shapes come from one probe forward.
+    ``stages`` are the stage maps cached when ``fields`` holds ``feats``."""
     t = spec.teacher
     assert t is not None
     views, eval_view = spec.data.views, t.cache_eval_view
@@ -131,7 +154,8 @@ def build_manifest(
     for group in groups:
         size = plan.size if group == "train" else eval_tf.size
         group_fields = fields if group == "train" else tuple(sorted({*fields, "embedding"}))
-        for name, spec_ in _array_specs(model, group_fields, preact, size, t.cache_topk).items():
+        specs = _array_specs(model, group_fields, stages, preact, size, t.cache_topk)
+        for name, spec_ in specs.items():
             arrays[(EVAL_PREFIX if group == "eval" else "") + name] = ArraySpec(group, *spec_)
     n = len(index)
     feats_bytes = sum(
@@ -140,12 +164,13 @@ def build_manifest(
     )
     if feats_bytes > FEATS_LIMIT_BYTES:
         raise ConfigError(
-            f"teacher.cache_fields: caching 'feats' needs {feats_bytes / 2**30:.1f} GiB, more "
-            f"than the {FEATS_LIMIT_BYTES / 2**30:.0f} GiB allowed; run feature methods with "
-            "an online teacher"
+            f"teacher.cache_fields: caching the stage maps {list(stages)} needs "
+            f"{feats_bytes / 2**30:.1f} GiB, more than the {FEATS_LIMIT_BYTES / 2**30:.0f} GiB "
+            "allowed; cache fewer views or stages (teacher.cache_stages), or run this method "
+            "with an online teacher"
         )
     teacher = teacher_identity(t.arch, t.weights)
-    teacher.update(num_classes=num_classes, preact=bool(preact and "feats" in fields),
+    teacher.update(num_classes=num_classes, preact=bool(preact and stages),
                    embedding_dim=int(getattr(model, "embedding_dim", 0)))
     return Manifest(
         teacher=teacher,
@@ -159,6 +184,7 @@ def build_manifest(
         eval_view=eval_view,
         chunk=t.cache_chunk,
         fields=list(fields),
+        stages=[int(s) for s in stages] if "feats" in fields else [],
         logits=logits_info,
         arrays=arrays,
         precision=precision,
@@ -166,12 +192,14 @@ def build_manifest(
 
 
 def _array_specs(
-    model: torch.nn.Module, fields: tuple[str, ...], preact: bool, size: int, topk: int
+    model: torch.nn.Module, fields: tuple[str, ...], stages: tuple[int, ...], preact: bool,
+    size: int, topk: int,
 ) -> dict[str, tuple[str, list[int]]]:
     """name → (dtype, row shape) of the arrays of one group, from a probe forward pass."""
     device = next(model.parameters()).device
+    wanted = stages if "feats" in fields else ()
     with torch.no_grad():
-        out = model(torch.zeros(2, 3, size, size, device=device), feats="feats" in fields,
+        out = model(torch.zeros(2, 3, size, size, device=device), feats=wanted or False,
                     preact=preact)
     c = int(out.logits.shape[1])
     specs: dict[str, tuple[str, list[int]]] = {}
@@ -182,9 +210,8 @@ def _array_specs(
         specs["logits"] = ("float16", [c])
     if "embedding" in fields:
         specs["embedding"] = ("float16", [int(out.embedding.shape[1])])
-    if "feats" in fields:
-        for s, f in enumerate(out.feats or []):
-            specs[f"feats_{s}"] = ("float16", [int(d) for d in f.shape[1:]])
+    for s, f in (out.feats or {}).items():
+        specs[f"feats_{s}"] = ("float16", [int(d) for d in f.shape[1:]])
     return specs
 
 
@@ -240,7 +267,7 @@ def teacher_rows(
         rows[prefix + "logits_topk_i"] = i.cpu().numpy().astype(index_dtype(num_classes))
     if prefix + "embedding" in names:
         rows[prefix + "embedding"] = _fp16(out.embedding)
-    for s, f in enumerate(out.feats or []):
+    for s, f in (out.feats or {}).items():
         if f"{prefix}feats_{s}" in names:
             rows[f"{prefix}feats_{s}"] = _fp16(f)
     return rows
@@ -269,6 +296,7 @@ def write_cache(
     spec: RunSpec,
     fields: tuple[str, ...],
     *,
+    stages: StageSelection = (),
     preact: bool = False,
     process_index: int = 0,
     num_processes: int = 1,
@@ -280,9 +308,11 @@ def write_cache(
 ) -> WriteReport:
     """Write (or finish) the cache ``spec.teacher.cache_dir`` as process ``process_index``.
 
-    ``fields`` are the TeacherOutput fields to cache (``cache_fields``); ``preact`` whether stage
-    maps are taken before the last ReLU. ``barrier`` synchronises the processes (Accelerate's
-    ``wait_for_everyone``); without it, the main process (index 0) must have run first.
+    ``fields`` are the TeacherOutput fields to cache (``cache_fields``); ``stages`` the method's
+    stage selection (``cache_stages`` resolves it, or takes ``teacher.cache_stages``) and
+    ``preact`` whether those maps are taken before the activation. ``barrier`` synchronises the
+    processes (Accelerate's ``wait_for_everyone``); without it, the main process (index 0)
+    must have run first.
     ``progress`` (default ``train.progress``) shows a tqdm bar on process 0.
     ``after_batch(unit, rows_done_in_unit)`` is called after each batch is written (tests use it
     to interrupt a pass).
@@ -298,7 +328,8 @@ def write_cache(
     if spec.train.channels_last and device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     autocast, precision = autocast_for(spec, device)
-    manifest = build_manifest(spec, index, model, fields, preact, num_classes, precision)
+    chosen = cache_stages(spec, fields, model, stages)
+    manifest = build_manifest(spec, index, model, fields, preact, num_classes, precision, chosen)
     if process_index == 0:
         prepare_cache_dir(cache_dir, manifest)
     if barrier is not None:
@@ -324,7 +355,7 @@ def write_cache(
         for unit, offset, raw in iter_unit_batches(spec, index, manifest, pending):
             batch = to_device(raw, device, d.mean, d.std, spec.train.channels_last)
             with torch.no_grad(), autocast:
-                out = model(batch.images, feats="feats" in fields, preact=preact)
+                out = model(batch.images, feats=chosen or False, preact=preact)
             rows = teacher_rows(out, manifest, unit.group, num_classes)
             start = manifest.row_range(unit)[0] + offset
             valid = raw.index.numpy() >= 0

@@ -5,7 +5,8 @@ a ConfigError naming the differing key and both values, a cache that does not be
 another teacher (arch, checkpoint sha256 or torchvision weights, class count), another training
 set (fingerprint of the train split), another augmentation plan (kind, size, padding, scale,
 ratio, flip, seed), other input normalisation, another K (``data.views``), a cache without a
-field the method reads, or a top-k cache made at another temperature than the method's T. It
+field or stage map the method reads, or a top-k cache made at another temperature than the
+method's T. It
 then checks that every chunk of every view the run will use (views 0..min(K, epochs)-1) has its
 completion marker, and lists the missing chunks if not: it never serves a row that was not
 completely written. Checksums are not recomputed at start-up (``cache_teacher.py --verify``
@@ -119,8 +120,9 @@ class CachedTeacher:
         self.topk = m.logits is not None and m.logits["mode"] == "topk"
         self.temperature = float(m.logits.get("temperature", 1.0)) if m.logits else 1.0
         self.num_classes = int(m.teacher["num_classes"])
-        self.num_feats = sum(1 for a in m.arrays if a.startswith("feats_"))
         self.device = torch.device("cpu")
+        self.stages: tuple[int, ...] = tuple(m.stages)
+        self.stage_info: tuple = ()  # the teacher's StageInfo, set by the run's build step
 
     @property
     def embedding_dim(self) -> int:
@@ -154,7 +156,7 @@ class CachedTeacher:
         if "embedding" in self.fields:
             out.embedding = _tensor(read("embedding", idx, vw), dev)
         if "feats" in self.fields:
-            out.feats = [_tensor(read(f"feats_{s}", idx, vw), dev) for s in range(self.num_feats)]
+            out.feats = {s: _tensor(read(f"feats_{s}", idx, vw), dev) for s in self.stages}
         return out
 
     def __call__(self, batch: Batch, images: Tensor | None = None) -> TeacherOutput:
@@ -177,7 +179,7 @@ def _mismatch(diffs: list[tuple[str, Any, Any]], cache_dir: Path) -> ConfigError
 
 def check_cache(
     manifest: Manifest, spec: RunSpec, fields: tuple[str, ...], num_classes: int,
-    index: DatasetIndex, preact: bool | None, cache_dir: Path,
+    index: DatasetIndex, preact: bool | None, cache_dir: Path, stages: tuple[int, ...] = (),
 ) -> None:
     """ConfigError naming every key in which the cache and the run differ, with both values."""
     t = spec.teacher
@@ -208,16 +210,27 @@ def check_cache(
             f"{lacking}, found a cache in {cache_dir} holding only {manifest.fields}; rewrite it "
             f"with teacher.cache_fields: {sorted(set(manifest.fields) | set(fields))}"
         )
+    lacking_stages = [s for s in stages if s not in manifest.stages]
+    if "feats" in fields and lacking_stages:
+        raise ConfigError(
+            f"teacher.cache_dir: method {spec.method.get('name')!r} reads the teacher's stage "
+            f"maps {list(stages)}, found a cache in {cache_dir} holding stages "
+            f"{manifest.stages}; rewrite it with launch/cache_teacher.py for this method (or "
+            f"teacher.cache_stages: {sorted(set(manifest.stages) | set(stages))})"
+        )
 
 
 def open_cached_teacher(
     spec: RunSpec, fields: tuple[str, ...], num_classes: int, *,
     index: DatasetIndex | None = None, preact: bool | None = None, eval_view: bool = False,
+    stages: tuple[int, ...] = (), epochs: int | None = None,
 ) -> CachedTeacher:
     """The cached teacher for a run, after checking the cache belongs to it (module docstring).
 
     ``index`` is the run's training index (built from ``spec.data`` when not given); ``preact``
-    the method's stage-map flavour, checked when it reads ``feats``; ``eval_view`` also serves
+    the method's stage-map flavour and ``stages`` the stage maps it reads, both checked when it
+    reads ``feats``; ``epochs`` the run's epochs (default ``optim.epochs``; more when the method
+    has initial phases), which fixes the views it reads; ``eval_view`` also serves
     batches of view -1 (the deterministic eval view of training samples, for CoSS-style
     neighbours), which the cache must then hold completely.
     """
@@ -232,8 +245,9 @@ def open_cached_teacher(
         )
     reader = CacheReader(t.cache_dir)
     index = index if index is not None else build_index(spec.data, spec.data.train_split)
-    check_cache(reader.manifest, spec, fields, num_classes, index, preact, reader.cache_dir)
-    views = list(range(min(spec.data.views, spec.optim.epochs)))
+    check_cache(reader.manifest, spec, fields, num_classes, index, preact, reader.cache_dir,
+                stages)
+    views = list(range(min(spec.data.views, epochs or spec.optim.epochs)))
     if eval_view:
         if not reader.manifest.eval_view:
             raise ConfigError(
@@ -249,4 +263,6 @@ def open_cached_teacher(
             f"chunk(s) of views {views} have no completion marker ({describe_units(missing)}); "
             "finish it by re-running launch/cache_teacher.py with the same config"
         )
-    return CachedTeacher(reader, tuple(fields), views)
+    teacher = CachedTeacher(reader, tuple(fields), views)
+    teacher.stages = tuple(stages) if "feats" in fields else ()
+    return teacher

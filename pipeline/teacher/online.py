@@ -9,18 +9,22 @@ from torch import Tensor, nn
 
 from pipeline.config.schema import TeacherSpec
 from pipeline.models.base import Net, build_model
-from pipeline.types import Batch, TeacherOutput
+from pipeline.types import Batch, StageInfo, TeacherOutput
 
 
 class OnlineTeacher:
-    """Runs the teacher on each batch and returns the fields a method asked for."""
+    """Runs the teacher on each batch and returns what the method asked for: the outputs in
+    ``fields`` (``logits``, ``embedding``) and the stage maps ``stages`` (stage indices)."""
 
-    def __init__(self, model: Net, fields: tuple[str, ...], preact: bool = False) -> None:
+    def __init__(self, model: Net, fields: tuple[str, ...], stages: tuple[int, ...] = (),
+                 preact: bool = False) -> None:
         self.model = model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.fields = fields
+        self.stages = tuple(stages)
         self.preact = preact
+        self.stage_info: tuple[StageInfo, ...] = ()
 
     @property
     def embedding_dim(self) -> int:
@@ -32,11 +36,11 @@ class OnlineTeacher:
 
     @torch.no_grad()
     def __call__(self, batch: Batch, images: Tensor) -> TeacherOutput:
-        out = self.model(images, feats="feats" in self.fields, preact=self.preact)
+        out = self.model(images, feats=self.stages or False, preact=self.preact)
         return TeacherOutput(
             logits=out.logits if "logits" in self.fields else None,
             embedding=out.embedding if "embedding" in self.fields else None,
-            feats=out.feats if "feats" in self.fields else None,
+            feats=out.feats if self.stages else None,
         )
 
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from pipeline.config.schema import RunSpec
 from pipeline.data import DatasetIndex, build_index
 from pipeline.distill.base import METHODS, Method, MethodContext
+from pipeline.distill.requirements import Requirements
 from pipeline.models.base import Net, build_model
 
 
@@ -72,13 +75,15 @@ def build_parts(
 
     cls = method_class(spec)
     opts = method_options(spec)
-    teacher, teacher_info, teacher_dim = None, {}, None
     needs = cls.requirements(opts)
-    if spec.teacher is not None and spec.teacher.arch and needs["needs_teacher"]:
+    size = spec.data.image_size
+    teacher, teacher_info, teacher_dim, teacher_stages = None, {}, None, ()
+    if spec.teacher is not None and spec.teacher.arch and needs.needs_teacher:
+        epochs = spec.optim.epochs + sum(p.epochs for p in cls.phases(opts))
         teacher, teacher_info = build_teacher_source(
-            spec, needs, num_classes, load_teacher, train_index
+            spec, needs, num_classes, load_teacher, train_index, epochs
         )
-        teacher_dim = teacher.embedding_dim
+        teacher_dim, teacher_stages = teacher.embedding_dim, teacher.stage_info
 
     ctx = MethodContext(
         num_classes=num_classes,
@@ -86,23 +91,49 @@ def build_parts(
         teacher_dim=teacher_dim,
         epochs=spec.optim.epochs,
         steps_per_epoch=steps_per_epoch or 1,
+        student_stages=student.stage_info(size),
+        teacher_stages=teacher_stages,
+        num_train_samples=len(train_index),
+        train_labels=torch.from_numpy(train_index.labels),
+        image_size=size,
     )
     method = cls(opts, ctx)
     return RunParts(train_index, eval_indices, num_classes, student, teacher, teacher_info, method)
 
 
-def build_teacher_source(
-    spec: RunSpec, needs: dict[str, Any], num_classes: int, load: bool, index: DatasetIndex
-):
-    """The online teacher (the network) or, with ``teacher.source: cached``, the cache reader."""
+def teacher_network(spec: RunSpec, num_classes: int, load: bool) -> tuple[Net, dict]:
+    """The teacher network (with its weights unless ``load`` is False)."""
+    from pipeline.teacher.online import build_teacher_model
+
     assert spec.teacher is not None
-    fields = tuple(needs["teacher_fields"])
+    return build_teacher_model(spec.teacher, num_classes, load=load)
+
+
+def build_teacher_source(
+    spec: RunSpec, needs: Requirements, num_classes: int, load: bool, index: DatasetIndex,
+    epochs: int | None = None,
+):
+    """The online teacher (the network) or, with ``teacher.source: cached``, the cache reader.
+
+    Either way the source knows the teacher's ``stage_info`` (from a probe of the network, built
+    without weights for a cache) and serves just the stages ``needs`` selects.
+    """
+    assert spec.teacher is not None
+    size = spec.data.image_size
     if spec.teacher.source == "cached":
         from pipeline.teacher.cached import open_cached_teacher
 
-        cached = open_cached_teacher(spec, fields, num_classes, index=index, preact=needs["preact"])
+        stages = teacher_network(spec, num_classes, load=False)[0].stage_info(size)
+        cached = open_cached_teacher(
+            spec, needs.teacher_outputs, num_classes, index=index, preact=needs.preact,
+            stages=needs.resolve_teacher(len(stages)), epochs=epochs)
+        cached.stage_info = stages
         return cached, {}
-    from pipeline.teacher.online import OnlineTeacher, build_teacher_model
+    from pipeline.teacher.online import OnlineTeacher
 
-    model, info = build_teacher_model(spec.teacher, num_classes, load=load)
-    return OnlineTeacher(model, fields, preact=needs["preact"]), info
+    model, info = teacher_network(spec, num_classes, load)
+    stage_info = model.stage_info(size)
+    teacher = OnlineTeacher(model, needs.teacher_fields,
+                            stages=needs.resolve_teacher(len(stage_info)), preact=needs.preact)
+    teacher.stage_info = stage_info
+    return teacher, info

@@ -6,14 +6,20 @@ from torch import Tensor, nn
 
 from pipeline.distill.base import Method
 from pipeline.models.base import Net
-from pipeline.types import Batch, TeacherOutput
+from pipeline.types import Batch, ModelOutput, TeacherOutput
 
 
 class Distiller(nn.Module):
+    """``student_stages`` are the stage maps the method reads (indices resolved against the
+    student's ``stage_info``); ``run_student`` is False during a phase that trains without the
+    student (the method then gets ``None`` for the student's output)."""
+
     def __init__(self, student: Net, method: Method) -> None:
         super().__init__()
         self.student = student
         self.method = method
+        self.student_stages = method.needs.resolve_student(len(method.ctx.student_stages))
+        self.run_student = True
 
     def forward(  # type: ignore[override]
         self, images: Tensor, teacher: TeacherOutput | None, batch: Batch
@@ -21,7 +27,10 @@ class Distiller(nn.Module):
         """Only the loss terms leave: DDP searches the outputs for the tensors whose graph it
         walks, and an output that no loss uses (the logits under CoSS) would make it wait
         forever for the classifier's gradient."""
-        out = self.student(images, feats=self.method.student_feats, preact=self.method.preact)
+        out: ModelOutput | None = None
+        if self.run_student:
+            out = self.student(images, feats=self.student_stages or False,
+                               preact=self.method.needs.preact)
         return self.method(out, teacher, batch)
 
     def predict(self, images: Tensor) -> Tensor:

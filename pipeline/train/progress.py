@@ -6,13 +6,15 @@ import sys
 
 
 class Progress:
-    def __init__(self, enabled: bool, total: int, start: int, epoch: int) -> None:
+    def __init__(self, enabled: bool, total: int, start: int, epoch: int,
+                 phase: str = "main") -> None:
         self.bar = None
         if enabled:
             from tqdm import tqdm
 
+            label = f"epoch {epoch + 1}" if phase == "main" else f"{phase} epoch {epoch + 1}"
             self.bar = tqdm(
-                total=total, initial=start, desc=f"epoch {epoch + 1}", leave=False,
+                total=total, initial=start, desc=label, leave=False,
                 dynamic_ncols=True, file=sys.stderr, mininterval=1.0,
             )
 

@@ -35,6 +35,7 @@ from pipeline.train.checkpoint import (
 )
 from pipeline.train.distiller import Distiller
 from pipeline.train.optim import build_optimizer
+from pipeline.train.phases import EpochPhase, PhasePlan, phase_optimizer
 from pipeline.train.progress import Progress
 from pipeline.train.schedule import set_lr
 from pipeline.train.signals import STOP
@@ -90,10 +91,13 @@ class Trainer:
         self.steps_per_epoch = self._steps(n_steps)
         self.parts = build_parts(spec, self.steps_per_epoch, load_teacher, data)
         # Parameters without a gradient in some steps (CID's classifier during warm-up, the
-        # student's classifier under CoSS) make DDP wait for them unless it is told.
+        # student's classifier under CoSS, what an initial phase does not train) make DDP wait
+        # for them unless it is told.
         method = self.parts.method
+        self.phases = PhasePlan(type(method).phases(method.opts), spec.optim.epochs)
         ddp.find_unused_parameters = (
-            any(True for _ in method.parameters()) or not method.uses_student_logits
+            any(True for _ in method.parameters()) or not method.needs.uses_student_logits
+            or bool(self.phases.phases)
         )
         if spec.train.channels_last:
             self.parts.student.to(memory_format=torch.channels_last)
@@ -102,6 +106,7 @@ class Trainer:
         mark_rank_local_buffers(distiller)
         optimizer = build_optimizer(self.parts.student, self.parts.method, spec.optim)
         self.distiller, self.optimizer = acc.prepare(distiller, optimizer)
+        self.phase_optimizers: dict[str, Any] = {}
         self.teacher = self.parts.teacher.to(acc.device) if self.parts.teacher is not None else None
         self.tracker = Tracker(spec.tracking, enabled=acc.is_main_process)
         self.config_text = config_text
@@ -127,6 +132,16 @@ class Trainer:
         cap = self.spec.train.max_steps_per_epoch
         return min(n, cap) if cap > 0 else n
 
+    def _optimizer_for(self, at: EpochPhase) -> Any:
+        """The main optimiser, or the (prepared) SGD of an initial phase, made when first met."""
+        if at.phase is None:
+            return self.optimizer
+        if at.name not in self.phase_optimizers:
+            model = self.acc.unwrap_model(self.distiller)
+            opt = phase_optimizer(model.method, at.phase, model.student, self.spec.optim)
+            self.phase_optimizers[at.name] = self.acc.prepare(opt)
+        return self.phase_optimizers[at.name]
+
     def _prepare(self, batch: Batch) -> Batch:
         d = self.spec.data
         return to_device(batch, self.acc.device, d.mean, d.std, self.spec.train.channels_last)
@@ -137,7 +152,9 @@ class Trainer:
         rngs = self.acc.gather_for_metrics([rng_state()], use_gather_object=True)
         return {
             "model": self.acc.unwrap_model(self.distiller).state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            # the optimiser of the phase this position belongs to (a phase's own SGD, or main)
+            "optimizer": self._optimizer_for(self.phases.at(epoch)).state_dict(),
+            "phase": self.phases.at(epoch).name,
             "scaler": scaler.state_dict() if scaler is not None else None,
             "rng": rngs,
             "epoch": epoch,
@@ -158,7 +175,7 @@ class Trainer:
 
     def _restore(self, ckpt: dict) -> None:
         self.acc.unwrap_model(self.distiller).load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self._optimizer_for(self.phases.at(ckpt["epoch"])).load_state_dict(ckpt["optimizer"])
         scaler = getattr(self.acc, "scaler", None)
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
@@ -178,22 +195,26 @@ class Trainer:
             self.best, self.history = ckpt["best"], ckpt["history"]
             acc.print(f"resuming {self.run_dir} at epoch {epoch + 1}, step {step}")
         metrics_file = self.run_dir / "metrics.json"
-        if epoch >= spec.optim.epochs and metrics_file.exists():
+        total_epochs = self.phases.total_epochs
+        if epoch >= total_epochs and metrics_file.exists():
             acc.print(f"{self.run_dir} is already finished")
             return json.loads(metrics_file.read_text())
         self._start_tracking(ckpt)
         self.stop.install()
         try:
-            while epoch < spec.optim.epochs:
+            while epoch < total_epochs:
+                at = self.phases.at(epoch)
                 updates = self._train_epoch(epoch, step, updates)
                 if self.stop.requested:
                     return self._interrupt(epoch, updates)
-                self.parts.method.end_epoch(epoch)
+                if at.is_main:
+                    self.parts.method.end_epoch(at.local)
                 self.bad_report.update(spec.data.train_split, self.parts.train_index, acc,
                                        self.tracker, (epoch + 1) * self.steps_per_epoch)
-                row = self._evaluate(epoch)
-                self.history.append(row)
-                self._update_best(row, epoch)
+                if at.is_main:  # nothing is evaluated during an initial phase
+                    row = self._evaluate(at.local)
+                    self.history.append(row)
+                    self._update_best(row, at.local)
                 epoch, step = epoch + 1, 0
                 self.save(epoch, 0, updates)
             return self._finish(updates)
@@ -219,6 +240,8 @@ class Trainer:
                 tags["teacher_run_id"] = parent
         params = asdict(spec)
         params["world_size"] = self.acc.num_processes
+        if self.phases.phases:
+            params["phases"] = self.phases.describe()
         run_id = self.tracker.start(
             spec.tracking.run_name or spec.name,
             params,
@@ -235,11 +258,18 @@ class Trainer:
     def _train_epoch(self, epoch: int, start_step: int, updates: int) -> int:
         spec, acc = self.spec, self.acc
         method = self.parts.method
-        method.start_epoch(epoch)
+        at = self.phases.at(epoch)
+        method.set_phase(at.name)
+        if at.is_main:
+            method.start_epoch(at.local)
+        self.acc.unwrap_model(self.distiller).run_student = at.is_main or at.phase.uses_student
+        optimizer = self._optimizer_for(at)
+        prefix = "" if at.is_main else f"{at.name}/"
         self.distiller.train()
         loader = self._train_loader(epoch, start_step)
         total = self.steps_per_epoch
-        progress = Progress(acc.is_main_process and spec.train.progress, total, start_step, epoch)
+        progress = Progress(acc.is_main_process and spec.train.progress, total, start_step,
+                            at.local, at.name)
         sums: dict[str, torch.Tensor] = {}
         count, seen, t0 = 0, 0, time.perf_counter()
         step = start_step
@@ -255,7 +285,8 @@ class Trainer:
                 step += 1
                 continue
             batch = self._prepare(raw)
-            lr = set_lr(self.optimizer, spec.optim, epoch + step / total)
+            lr = (set_lr(optimizer, spec.optim, at.local + step / total) if at.is_main
+                  else at.phase.lr)
             with acc.accumulate(self.distiller):
                 teacher_out = None
                 if self.teacher is not None:
@@ -270,8 +301,8 @@ class Trainer:
                 if acc.sync_gradients:
                     # The bare optimiser unless a grad scaler is in play: Accelerate's wrapper
                     # costs ~0.7 ms a step in checks (measured by tools/bench_distill.py).
-                    (self.optimizer.optimizer if acc.scaler is None else self.optimizer).step()
-                    self.optimizer.optimizer.zero_grad(set_to_none=True)
+                    (optimizer.optimizer if acc.scaler is None else optimizer).step()
+                    optimizer.optimizer.zero_grad(set_to_none=True)
             if acc.sync_gradients:
                 updates += 1
             step += 1
@@ -286,8 +317,9 @@ class Trainer:
                 rate = seen / (time.perf_counter() - t0)
                 means = {k: float(v) / count for k, v in sums.items()}
                 progress.update(means, rate)
-                logged = {f"train/{k}": v for k, v in means.items()}
-                self.tracker.log_metrics({**logged, "lr": lr, "images_per_s": rate}, global_step)
+                logged = {f"{prefix}train/{k}": v for k, v in means.items()}
+                self.tracker.log_metrics(
+                    {**logged, f"{prefix}lr": lr, "images_per_s": rate}, global_step)
                 sums, count = {}, 0
             else:
                 progress.update(None, 0.0)
@@ -309,8 +341,10 @@ class Trainer:
         return {"interrupted": True, "epoch": epoch, "step": step}
 
     def _evaluate(self, epoch: int) -> dict[str, Any]:
+        """Evaluate after main-phase epoch ``epoch`` (0-based, initial phases not counted)."""
         spec = self.spec
         row: dict[str, Any] = {"epoch": epoch + 1}
+        step = (self.phases.initial_epochs + epoch + 1) * self.steps_per_epoch
         last = epoch + 1 == spec.optim.epochs
         if not last and (epoch + 1) % max(spec.train.eval_every, 1) != 0:
             return row
@@ -324,13 +358,10 @@ class Trainer:
                 metrics = evaluate_split(predict, loader, self._prepare, self.acc.device)
             for k, v in metrics.items():
                 row[f"{split}/{k}"] = v
-            self.bad_report.update(split, index, self.acc, self.tracker,
-                                   (epoch + 1) * self.steps_per_epoch)
+            self.bad_report.update(split, index, self.acc, self.tracker, step)
         extra = self.parts.method.epoch_metrics()
         row.update({f"method/{k}": v for k, v in extra.items()})
-        self.tracker.log_metrics(
-            {k: v for k, v in row.items() if k != "epoch"}, (epoch + 1) * self.steps_per_epoch
-        )
+        self.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step)
         if self.acc.is_main_process:
             first = spec.data.eval_splits[0]
             self.acc.print(
@@ -380,7 +411,7 @@ class Trainer:
             metrics_file = self.run_dir / "metrics.json"
             metrics_file.write_text(json.dumps(final, indent=2))
             summary = {f"best/{k}": v for k, v in best.items() if isinstance(v, (int, float))}
-            self.tracker.log_metrics(summary, self.spec.optim.epochs * self.steps_per_epoch)
+            self.tracker.log_metrics(summary, self.phases.total_epochs * self.steps_per_epoch)
             self.tracker.log_artifact(metrics_file)
             self.tracker.finish("FINISHED")
         acc.wait_for_everyone()
