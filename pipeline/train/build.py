@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from pipeline.config.schema import RunSpec
 from pipeline.data import DatasetIndex, build_index, build_train_index
 from pipeline.distill.base import METHODS, Method, MethodContext
@@ -88,7 +90,23 @@ def build_parts(
         steps_per_epoch=steps_per_epoch or 1,
     )
     method = cls(opts, ctx)
+    # MethodContext.train_labels: until the context carries them, hand them over here.
+    give_train_labels(method, train_labels(data))
     return RunParts(train_index, eval_indices, num_classes, student, teacher, teacher_info, method)
+
+
+def train_labels(data: RunData) -> np.ndarray:
+    """The labels of the samples the run trains on (after data.train_fraction / drop_classes)."""
+    return data.train_index.labels
+
+
+def give_train_labels(method: Method, labels: np.ndarray) -> None:
+    """Every part of ``method`` that measures the training class frequencies (CID's
+    ``prior_factor: frequency``) gets the labels through its ``use_train_labels``."""
+    for part in method.modules():
+        use = getattr(part, "use_train_labels", None)
+        if callable(use):
+            use(labels)
 
 
 def build_teacher_source(
