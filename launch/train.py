@@ -48,6 +48,7 @@ def dry_run_spec(spec: RunSpec, run_dir: str) -> RunSpec:
     d.workers = 0
     d.synthetic_size = 8
     d.eval_splits = d.eval_splits[:1]
+    d.drop_classes = [c for c in d.drop_classes if c < (d.num_classes or 10)]  # synthetic classes
     spec.optim.epochs = 1
     spec.optim.milestones = []
     spec.train.max_steps_per_epoch = 2

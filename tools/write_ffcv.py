@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from pipeline.catalog import load_run_config  # noqa: E402
 from pipeline.config import ConfigError  # noqa: E402
-from pipeline.data import build_index  # noqa: E402
+from pipeline.data import build_index, build_train_index  # noqa: E402
 from pipeline.data.backends import BackendUnavailable  # noqa: E402
 from pipeline.data.ffcv import beton_path  # noqa: E402
 
@@ -49,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.out and len(splits) != 1:
             p.error("--out: expected a single --split")
         for split in splits:
-            index = build_index(spec.data, split)
+            # The training split as the run trains on it (data.train_fraction, drop_classes).
+            train = split == spec.data.train_split
+            index = build_train_index(spec.data) if train else build_index(spec.data, split)
             out = Path(args.out) if args.out else beton_path(spec.data, split)
             print(f"{split}: {len(index)} samples from {index.root} -> {out}", flush=True)
             meta = write_beton(index, out, max_resolution=args.max_resolution,

@@ -12,6 +12,7 @@ from typing import Any
 from pipeline.config.coerce import fail, file_for
 from pipeline.config.errors import ConfigError
 from pipeline.config.schema import RunSpec
+from pipeline.config.selection_checks import check_train_selection
 from pipeline.registry import Registry, closest
 
 TIMM_PREFIX = "timm:"  # model.arch: timm:<name> builds timm.create_model(<name>)
@@ -34,6 +35,7 @@ def check_values(spec: RunSpec, method_cls: Any, root: str) -> None:
     for key, value, low in minimums:
         if value < low:
             fail(key, f"expected a value >= {low}, found {value}", root)
+    check_train_selection(data, root)
     for key, values in (("data.mean", data.mean), ("data.std", data.std)):
         if len(values) != 3:
             fail(key, f"expected 3 values (one per RGB channel), found {len(values)}", root)

@@ -41,6 +41,12 @@ class DataSpec:
     coss_m: int = 31  # total_k
     neighbours: str | None = None  # <teacher cache>/neighbours_top<N>.npy
     num_classes: int = 0  # 0: take it from the dataset index
+    # Which samples of the training split a run trains on (pipeline/data/subset.py); the
+    # evaluation splits stay complete. Part of the training index's fingerprint.
+    train_fraction: float = 1.0  # stratified: round(f·n_c) samples of every class c (CID Table 6)
+    drop_classes: list[int] = field(default_factory=list)  # class ids removed from training
+    drop_classes_keep: int = 0  # samples kept per dropped class: 0 zero-shot, k few-shot
+    subset_seed: int = 0  # draws which samples are kept (not the run's seed: same data per seed)
     synthetic_size: int = 256  # samples per split for dataset: synthetic
     # backend: dali — decode on the GPU when CUDA is present (auto), or force gpu / cpu.
     dali_device: Literal["auto", "gpu", "cpu"] = "auto"

@@ -18,6 +18,7 @@ from pipeline.data.index import (
 )
 from pipeline.data.loader import EvalLoader, TrainLoader
 from pipeline.data.plan import AugPlan, Crop, view_for_epoch
+from pipeline.data.subset import build_train_index
 from pipeline.data.transforms import EvalTransform
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "UnreadableSample",
     "build_eval_loader",
     "build_index",
+    "build_train_index",
     "build_train_loader",
     "to_device",
     "view_for_epoch",

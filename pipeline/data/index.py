@@ -73,6 +73,8 @@ class DatasetIndex:
     array: np.ndarray | None = None
     sizes: np.ndarray | None = None  # (N, 2) as (width, height) where known
     bad: list[BadSample] = field(default_factory=list)
+    # A subset of the split (pipeline/data/subset.py): what was selected, in the fingerprint.
+    selection: str = ""
 
     def __post_init__(self) -> None:
         self.labels = np.ascontiguousarray(self.labels, dtype=np.int64)
@@ -98,7 +100,8 @@ class DatasetIndex:
 
     @property
     def where(self) -> str:
-        return f"{self.kind} split {self.split!r} at {self.root}"
+        subset = f" ({self.selection})" if self.selection else ""
+        return f"{self.kind} split {self.split!r}{subset} at {self.root}"
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -141,7 +144,8 @@ class DatasetIndex:
 
     @cached_property
     def fingerprint(self) -> str:
-        """sha256 of the contents: relative paths and sizes or array bytes, labels, classes."""
+        """sha256 of the contents: relative paths and sizes or array bytes, labels, classes, and
+        the selection of a subset."""
         h = hashlib.sha256()
         h.update(b"pipeline.data.index v1\n")
         h.update(f"{self.kind}\n{self.split}\n".encode())
@@ -155,6 +159,8 @@ class DatasetIndex:
             assert self.array is not None
             h.update(str(self.array.shape).encode())
             h.update(np.ascontiguousarray(self.array).data)
+        if self.selection:  # absent for a whole split, so those fingerprints do not change
+            h.update(f"\nselection {self.selection}".encode())
         return h.hexdigest()
 
 

@@ -39,8 +39,14 @@ g_new with zero context (no centres exist yet).
 
 Paper vs code (spec §1): the defaults follow the code; the paper's readings are options:
 ``bias`` (W without bias), ``reduction: sum`` (eq. 3's class sum), ``prior_factor`` (eq. 7's
-P(c_i) = 1/C), ``context: full`` (eqs. 4/6 instead of the NWGM of eq. 7), ``centres: teacher``
-(eq. 5 is ambiguous about whose features) and ``warmup_epochs: 0`` (no warm-up in the paper).
+P(c_i): ``true`` for 1/C, ``frequency`` for "the percentage of the samples in class c_i" measured
+on the run's training set, which differs from 1/C on a data-limited or class-dropped set),
+``context: full`` (eqs. 4/6 instead of the NWGM of eq. 7), ``centres: teacher`` (eq. 5 is
+ambiguous about whose features) and ``warmup_epochs: 0`` (no warm-up in the paper).
+
+``prior_factor: frequency`` needs the training labels: they are read from
+``MethodContext.train_labels`` at construction (or given later to ``use_train_labels``), and
+P(c_i) is stored in the buffer ``class_prior``, saved with the method's state.
 
 Process notes: the accumulators are per-process partial sums. DDP's buffer broadcast must skip
 them: call ``compose.mark_rank_local_buffers`` on the module DDP wraps (``end_epoch`` raises on
@@ -63,6 +69,7 @@ from pipeline.dist import all_reduce_sum, is_distributed, rank
 from pipeline.distill.base import METHODS, Method, MethodContext
 from pipeline.distill.cid_terms import (
     accumulate_centres,
+    class_frequencies,
     class_shape_loss,
     context_coefficients,
     finalize_centres,
@@ -97,6 +104,9 @@ def _check_intervention(opts: Any) -> None:
         raise ValueError(f"warmup_epochs: expected -1 (auto) or >= 0, found {opts.warmup_epochs}")
     _check_choice(opts, "centres", ("student", "teacher"))
     _check_choice(opts, "context", ("nwgm", "full"))
+    if opts.prior_factor not in (False, True, "frequency"):
+        raise ValueError(f"prior_factor: expected false (the code), true (1/C) or 'frequency' "
+                         f"(measured class frequencies), found {opts.prior_factor!r}")
 
 
 def auto_warmup_epochs(epochs: int) -> int:
@@ -200,7 +210,8 @@ class InterventionOptions:
     T: float = 4.0  # coefficients σ(z_s/T) and centre weights σ(z_t/T)
     warmup_epochs: int = -1  # -1: auto (module docstring)
     centres: Literal["student", "teacher"] = "student"
-    prior_factor: bool = False  # multiply the context by P(c_i) = 1/C (paper) or not (code)
+    # P(c_i) in the context: false (the code: none), true (1/C), frequency (measured, the paper)
+    prior_factor: bool | Literal["frequency"] = False
     context: Literal["nwgm", "full"] = "nwgm"  # eq. 7 (code) or eqs. 4/6
 
     def __post_init__(self) -> None:
@@ -243,12 +254,27 @@ class CIDIntervention(Method):
         self.register_buffer("acc_weight", torch.zeros(C))
         self.register_buffer("centres_ready", torch.tensor(False))
         self.register_buffer("next_ready", torch.tensor(False))
+        if opts.prior_factor == "frequency":  # NaN until the training labels are given
+            self.register_buffer("class_prior", torch.full((C,), float("nan")))
+            labels = getattr(ctx, "train_labels", None)
+            if labels is not None:
+                self.use_train_labels(labels)
         self.coverage: float | None = None
         # What this process added to acc_weight, outside the buffers: end_epoch checks that no
         # one else (DDP's buffer broadcast) changed them.
         self.own_weight = torch.zeros(C)
         self.register_load_state_dict_post_hook(_after_loading)
         mark_rank_local_buffers(self)
+
+    def use_train_labels(self, labels: Any) -> None:
+        """P(c_i) = the class frequencies of the run's training labels, for ``prior_factor:
+        frequency`` (a no-op otherwise)."""
+        if self.opts.prior_factor == "frequency":
+            freqs = class_frequencies(torch.as_tensor(labels), self.ctx.num_classes)
+            self.class_prior.copy_(freqs.to(self.class_prior.device))
+
+    def _prior(self) -> Tensor | None:
+        return self.class_prior if self.opts.prior_factor == "frequency" else None
 
     def accumulating(self) -> bool:
         """Centres accumulate from the last warm-up epoch on (the code starts there too)."""
@@ -257,7 +283,8 @@ class CIDIntervention(Method):
     def logits(self, student: ModelOutput, centres: Tensor) -> Tensor:
         o, h = self.opts, student.embedding
         coeffs = context_coefficients(student.logits, o.T)
-        return interventional_logits(self.g_new, h, coeffs, centres, o.context, o.prior_factor)
+        return interventional_logits(self.g_new, h, coeffs, centres, o.context,
+                                     o.prior_factor is True, self._prior())
 
     def forward(  # type: ignore[override]
         self, student: ModelOutput, teacher: TeacherOutput | None, batch: Batch
@@ -284,6 +311,10 @@ class CIDIntervention(Method):
 
     def start_epoch(self, epoch: int) -> None:
         super().start_epoch(epoch)
+        prior = self._prior()
+        if prior is not None and bool(torch.isnan(prior).any()):
+            raise ValueError("method cid: prior_factor 'frequency' needs the training labels "
+                             "(use_train_labels), found none")
         if bool(self.next_ready):
             self.ctx_used.copy_(self.ctx_next)
             self.centres_ready.fill_(True)
@@ -354,7 +385,7 @@ class CIDOptions:
     sample_bias: bool = True
     class_reduction: Literal["mean", "sum"] = "mean"
     centres: Literal["student", "teacher"] = "student"
-    prior_factor: bool = False
+    prior_factor: bool | Literal["frequency"] = False
     context: Literal["nwgm", "full"] = "nwgm"
     warmup_epochs: int = -1
 

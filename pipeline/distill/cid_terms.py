@@ -11,7 +11,8 @@ Causal Intervention" (specs/methods.md §1; paper eqs. 1–8).
   batch, 0 when there are none.
 - ``interventional_logits``: eqs. 4, 6 and 7, P(Y|do(X)) with the class centres c̄_i (eq. 5) as
   the context items and a_i = σ(z_s/T)_i as the coefficients; rule ``"nwgm"`` (eq. 7, the code)
-  or ``"full"`` (eqs. 4/6).
+  or ``"full"`` (eqs. 4/6); P(c_i) is 1/C, or the measured class frequencies of the training set
+  (``class_frequencies``: "the percentage of the samples in class c_i", after eq. 6).
 - ``true_class_weights``, ``accumulate_centres``, ``finalize_centres``: eq. 5 as the code
   computes it (spec §1.3): weights P(c_i|x_j) = σ(z_t/T)[y_j], features h_j the detached
   student embeddings of the current forward pass, a weighted mean per class over one epoch.
@@ -144,6 +145,7 @@ def interventional_logits(
     centres: Tensor,
     rule: ContextRule = "nwgm",
     prior_factor: bool = False,
+    prior: Tensor | None = None,
 ) -> Tensor:
     """The interventional classifier's prediction P(Y|do(X)), as logits for cross-entropy.
 
@@ -164,6 +166,13 @@ def interventional_logits(
     a_i c̄_i equal, e.g. equal centres and uniform coefficients). ``t`` is chosen so this holds
     for both settings of ``prior_factor``.
 
+    ``prior`` (m,), when given, is P(c_i) itself: "the percentage of the samples in class c_i"
+    (the text after eq. 6), measured on the run's training set by ``class_frequencies``. It
+    replaces 1/m in both rules as the paper writes them: "nwgm" z = g_new([h ; Σ_i P(c_i) a_i
+    c̄_i]) and "full" log Σ_i P(c_i)·σ(g_new([h ; a_i c̄_i])) (t = 1), so the relation above holds
+    for it too; ``prior_factor`` is then ignored. A class with P(c_i) = 0 (dropped from training)
+    contributes nothing.
+
     "full" costs B·m·C values: it is evaluated through the linear split g_new([h ; u]) =
     W_h h + b + W_c u, chunked over the centres, with each chunk recomputed in the backward pass.
 
@@ -172,6 +181,7 @@ def interventional_logits(
         h: student embeddings, (B, d_h); gradients flow into it.
         coeffs: a^s, (B, m), from ``context_coefficients`` (no gradient).
         centres: c̄, (m, d_ctx), a buffer (no gradient).
+        prior: P(c_i), (m,), non-negative and summing to 1; None for the rule of ``prior_factor``.
     Returns:
         Float32 logits (B, C).
     """
@@ -184,45 +194,72 @@ def interventional_logits(
             f"{tuple(coeffs.shape)}, centres {tuple(centres.shape)} and a classifier on "
             f"{classifier.in_features} inputs"
         )
+    if prior is not None and prior.shape != (m,):
+        raise ValueError(f"interventional_logits: expected a prior of shape ({m},), found "
+                         f"{tuple(prior.shape)}")
     with _float32(h):
         weight = classifier.weight.float()
         bias = None if classifier.bias is None else classifier.bias.float()
         a, c, x = coeffs.float(), centres.float(), h.float()
         if rule == "nwgm":
-            context = (a @ c) * (1.0 / m if prior_factor else 1.0)
+            if prior is not None:
+                context = (a * prior.float().to(a.device)) @ c
+            else:
+                context = (a @ c) * (1.0 / m if prior_factor else 1.0)
             return F.linear(torch.cat([x, context], dim=1), weight, bias)
         if rule == "full":
             base = F.linear(x, weight[:, :d_h], bias)  # (B, C): W_h h + b
             per_item = c @ weight[:, d_h:].T  # (m, C): W_c c̄_i
+            if prior is not None:
+                log_w = prior.float().to(a.device).log()  # log 0 = -inf: the item drops out
+                return _mixture_log_prob(base, a, per_item, log_w)
             scaled = a * (1.0 if prior_factor else float(m))
             return _mixture_log_prob(base, scaled, per_item)
     raise ValueError(f"interventional_logits: expected rule 'nwgm' or 'full', found {rule!r}")
 
 
-def _mixture_chunk(base: Tensor, scaled: Tensor, per_item: Tensor) -> Tensor:
-    """log Σ_{i in chunk} σ(base + scaled_i·per_item_i), shape (B, C)."""
+def _mixture_chunk(base: Tensor, scaled: Tensor, per_item: Tensor, log_w: Tensor) -> Tensor:
+    """log Σ_{i in chunk} w_i·σ(base + scaled_i·per_item_i), shape (B, C)."""
     z = base[:, None, :] + scaled[:, :, None] * per_item[None, :, :]
-    return torch.logsumexp(F.log_softmax(z, dim=2), dim=1)
+    return torch.logsumexp(F.log_softmax(z, dim=2) + log_w[None, :, None], dim=1)
 
 
-def _mixture_log_prob(base: Tensor, scaled: Tensor, per_item: Tensor) -> Tensor:
-    """log (1/m)·Σ_i σ(base + scaled_i·per_item_i), chunked over the m items."""
+def _mixture_log_prob(
+    base: Tensor, scaled: Tensor, per_item: Tensor, log_w: Tensor | None = None
+) -> Tensor:
+    """log Σ_i w_i·σ(base + scaled_i·per_item_i), chunked over the m items; ``log_w`` (m,) the
+    log mixture weights, None for w_i = 1/m."""
     B, C = base.shape
     m = per_item.shape[0]
+    if log_w is None:
+        log_w = torch.full((m,), -math.log(m), dtype=base.dtype, device=base.device)
     chunk = max(1, FULL_CHUNK_ELEMENTS // max(1, B * C))
     if chunk >= m:
-        total = _mixture_chunk(base, scaled, per_item)
-    else:
-        total = None
-        recompute = torch.is_grad_enabled() and (base.requires_grad or per_item.requires_grad)
-        for start in range(0, m, chunk):
-            args = (base, scaled[:, start : start + chunk], per_item[start : start + chunk])
-            if recompute:
-                part = checkpoint(_mixture_chunk, *args, use_reentrant=False)
-            else:
-                part = _mixture_chunk(*args)
-            total = part if total is None else torch.logaddexp(total, part)
-    return total - math.log(m)
+        return _mixture_chunk(base, scaled, per_item, log_w)
+    total = None
+    recompute = torch.is_grad_enabled() and (base.requires_grad or per_item.requires_grad)
+    for start in range(0, m, chunk):
+        items = slice(start, start + chunk)
+        args = (base, scaled[:, items], per_item[items], log_w[items])
+        if recompute:
+            part = checkpoint(_mixture_chunk, *args, use_reentrant=False)
+        else:
+            part = _mixture_chunk(*args)
+        total = part if total is None else torch.logaddexp(total, part)
+    return total
+
+
+def class_frequencies(labels: Tensor, num_classes: int) -> Tensor:
+    """P(c_i) = n_i / N, the share of the training samples in class i (text after eq. 6), as
+    float32 (C,). Labels outside 0..C-1 are an error."""
+    y = torch.as_tensor(labels).long().reshape(-1)
+    if y.numel() == 0:
+        raise ValueError("class_frequencies: expected at least one training label, found none")
+    if int(y.min()) < 0 or int(y.max()) >= num_classes:
+        raise ValueError(f"class_frequencies: expected labels in 0..{num_classes - 1}, found "
+                         f"{int(y.min())}..{int(y.max())}")
+    counts = torch.bincount(y, minlength=num_classes).double()
+    return (counts / counts.sum()).float()
 
 
 def true_class_weights(teacher_logits: Tensor, labels: Tensor, T: float) -> Tensor:
@@ -261,6 +298,7 @@ def finalize_centres(acc_sum: Tensor, acc_weight: Tensor, previous: Tensor) -> T
 __all__ = [
     "ContextRule",
     "accumulate_centres",
+    "class_frequencies",
     "class_shape_loss",
     "context_coefficients",
     "finalize_centres",

@@ -51,12 +51,24 @@ def load_weights(model: nn.Module, source: str, trusted: bool = False) -> dict[s
     """
     if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
         model = model.module
-    if source.startswith(TORCHVISION_PREFIX):
-        state, path = _torchvision_state(model, source[len(TORCHVISION_PREFIX):], source)
-    else:
-        path = Path(source).expanduser()
-        state = read_state_dict(path, trusted)
+    state, path = source_state(model, source, trusted)
     load_strict(model, state, str(path))
+    return weights_info(source, path)
+
+
+def source_state(
+    model: nn.Module, source: str, trusted: bool = False
+) -> tuple[dict[str, Tensor], Path]:
+    """The state dict ``source`` names (for ``model``'s torchvision arch if ``torchvision:``)
+    and the file it was read from; nothing is loaded."""
+    if source.startswith(TORCHVISION_PREFIX):
+        return _torchvision_state(model, source[len(TORCHVISION_PREFIX):], source)
+    path = Path(source).expanduser()
+    return read_state_dict(path, trusted), path
+
+
+def weights_info(source: str, path: Path) -> dict[str, Any]:
+    """``{"source", "path", "sha256"}`` of weights read from ``path``."""
     return {"source": source, "path": str(path),
             "sha256": file_sha256(path) if path.is_file() else None}
 

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from pipeline.config.errors import ConfigError
 from pipeline.config.schema import RunSpec
-from pipeline.data import AugPlan, DatasetIndex, build_index
+from pipeline.data import AugPlan, DatasetIndex, build_train_index
 from pipeline.data.device import to_device
 from pipeline.data.transforms import EvalTransform
 from pipeline.models.features import StageSelection, resolve_stages
@@ -322,7 +322,7 @@ def write_cache(
         raise ConfigError("teacher.cache_dir: expected the directory to write the cache to")
     device = torch.device(device)
     cache_dir = Path(t.cache_dir).expanduser().resolve()
-    index = index if index is not None else build_index(spec.data, spec.data.train_split)
+    index = index if index is not None else build_train_index(spec.data)
     num_classes = spec.data.num_classes or len(index.classes)
     model = load_teacher(spec, num_classes, device)
     if spec.train.channels_last and device.type == "cuda":

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from pipeline.config.errors import ConfigError
 from pipeline.config.schema import RunSpec
-from pipeline.data import AugPlan, DatasetIndex, build_index
+from pipeline.data import AugPlan, DatasetIndex, build_train_index
 from pipeline.teacher.cache_format import (
     EVAL_PREFIX,
     MANIFEST,
@@ -244,7 +244,7 @@ def open_cached_teacher(
             "data.views to the K the cache was written with"
         )
     reader = CacheReader(t.cache_dir)
-    index = index if index is not None else build_index(spec.data, spec.data.train_split)
+    index = index if index is not None else build_train_index(spec.data)
     check_cache(reader.manifest, spec, fields, num_classes, index, preact, reader.cache_dir,
                 stages)
     views = list(range(min(spec.data.views, epochs or spec.optim.epochs)))

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from pipeline.config.schema import RunSpec
-from pipeline.data import DatasetIndex, build_index
+from pipeline.data import DatasetIndex, build_index, build_train_index
 from pipeline.distill.base import METHODS, Method, MethodContext
 from pipeline.distill.requirements import Requirements
 from pipeline.models.base import Net, build_model
@@ -23,7 +23,7 @@ class RunData:
 
 def build_data(spec: RunSpec) -> RunData:
     """The dataset indices of the training split and every evaluation split."""
-    train_index = build_index(spec.data, spec.data.train_split)
+    train_index = build_train_index(spec.data)
     if spec.data.sampler == "coss" and spec.data.neighbours:
         from pipeline.teacher.neighbours import check_neighbours_source
 
