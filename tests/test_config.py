@@ -341,7 +341,7 @@ def test_overrides_coerce_to_schema_types(cwd: Path) -> None:
         [
             "data.batch_size=32",
             "optim.lr=1e-3",
-            "optim.momentum=1",
+            "optim.gamma=1",
             "optim.nesterov=true",
             "optim.milestones=[30,60]",
             "model.weights=null",
@@ -358,7 +358,7 @@ def test_overrides_coerce_to_schema_types(cwd: Path) -> None:
     )
     assert spec.data.batch_size == 32
     assert spec.optim.lr == 1e-3 and isinstance(spec.optim.lr, float)
-    assert spec.optim.momentum == 1.0 and isinstance(spec.optim.momentum, float)
+    assert spec.optim.gamma == 1.0 and isinstance(spec.optim.gamma, float)
     assert spec.optim.nesterov is True
     assert spec.optim.milestones == [30, 60]
     assert spec.model.weights is None and spec.teacher.weights is None

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
+from pipeline.config.timm_names import timm_problem
 from pipeline.registry import Registry
 from pipeline.types import ModelOutput
 
@@ -30,4 +31,6 @@ def build_model(arch: str, num_classes: int) -> Net:
     """Build a registered network by name (``resnet20``, ``wrn_40_2``, ``resnet18`` ...)."""
     import pipeline.models  # noqa: F401  (fills the registry)
 
+    if arch.startswith("timm:") and (problem := timm_problem(arch)):
+        raise ValueError(f"model.arch / teacher.arch: {problem}")
     return MODELS.get(arch)(num_classes=num_classes)
