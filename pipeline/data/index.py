@@ -185,8 +185,20 @@ def build_index(spec: DataSpec, split: str) -> DatasetIndex:
     return index
 
 
-def require(path: Path, what: str) -> Path:
-    """``path`` if it exists, else a ConfigError that says what was expected there."""
+def split_key(spec: DataSpec, split: str) -> str:
+    """The config key that named ``split``: ``data.train_split`` or ``data.eval_splits``."""
+    return "data.train_split" if split == spec.train_split else "data.eval_splits"
+
+
+def require(path: Path, what: str, key: str = "data.root") -> Path:
+    """``path`` if it exists, else a ConfigError that says what was expected there, under the
+    config key to fix (``data.root``, or the split key for a missing split folder), with what
+    the parent folder does hold."""
     if not path.exists():
-        raise ConfigError(f"data.root: expected {what} at {path}, found nothing there")
+        held = ""
+        if path.parent.is_dir():
+            names = sorted(p.name for p in path.parent.iterdir() if not p.name.startswith("."))
+            shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+            held = f" ({path.parent} holds: {shown or 'nothing'})"
+        raise ConfigError(f"{key}: expected {what} at {path}, found nothing there{held}")
     return path
