@@ -23,6 +23,7 @@ from pipeline.config.schema import RunSpec
 Rule = tuple[Callable[[Any], bool], str]
 
 SEED_MAX = 2**32 - 1  # numpy's seed range (accelerate's set_seed seeds numpy)
+PAD_CROP_SIZES = {"cifar": 32, "tiny_imagenet": 64}  # fixed crops of pipeline/data/plan.py
 
 
 def at_least(low: int | float) -> Rule:
@@ -104,6 +105,10 @@ def check_ranges(spec: RunSpec, root: str) -> None:
         if not (finite and ok(value)):
             fail(key, f"expected {allowed}, found {value}", root)
     d = spec.data
+    crop = PAD_CROP_SIZES.get(d.augment)
+    if crop is not None and d.image_size != crop:
+        fail("data.image_size", f"expected {crop} with data.augment {d.augment!r} (its training "
+             f"crop is {crop}×{crop}; evaluation uses image_size), found {d.image_size}", root)
     _pair("data.rrc_scale", d.rrc_scale, lambda v: v > 0, "0 < low", 1.0, root)
     _pair("data.rrc_ratio", d.rrc_ratio, lambda v: v > 0, "0 < low", None, root)
     for key, values in (("data.mean", d.mean), ("data.std", d.std)):
