@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config.coerce import fail, file_for
+from pipeline.config.defaults import default_cache_dir
 from pipeline.config.errors import ConfigError
 from pipeline.config.layouts import layout_hint
 from pipeline.config.ranges import check_ranges
@@ -52,8 +53,13 @@ def check_values(spec: RunSpec, method_cls: Any, root: str) -> None:
         raise ConfigError(
             f"{file_for('method.name', root)}: method {name!r} needs a teacher: set teacher.arch"
         )
-    if teacher is not None and teacher.source == "cached" and not teacher.cache_dir:
-        fail("teacher.cache_dir", "required when teacher.source is 'cached', found null", root)
+    if teacher is not None and teacher.source == "cached":
+        if data.views < 1:
+            fail("teacher.source", "'cached' needs data.views = the K >= 1 views of the cache "
+                 "(epoch e uses view e mod K), found data.views = 0 (a fresh view every epoch, "
+                 "which only the online teacher can serve)", root)
+        if not teacher.cache_dir:  # the writer's default (pipeline/config/defaults.py)
+            teacher.cache_dir = default_cache_dir(spec)
     if teacher is not None and teacher.source == "cached" and data.ffcv_random_crop:
         fail("data.ffcv_random_crop", "expected false when teacher.source is 'cached': FFCV's own "
              "random crops are not the plan's views that the cache describes", root)
