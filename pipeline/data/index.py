@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +38,15 @@ DECODE_ERRORS: tuple[type[BaseException], ...] = (
     struct.error,
     Image.DecompressionBombError,
 )
+
+
+_BUFFER_REPR = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
+
+
+def decode_error(err: BaseException, path: str) -> str:
+    """``<Type>: <message>`` of a decoding error, with the file's path where PIL's message names
+    the in-memory buffer it read (``cannot identify image file <_io.BytesIO object at 0x…>``)."""
+    return f"{type(err).__name__}: " + _BUFFER_REPR.sub(path, str(err))
 
 
 class BadSample(NamedTuple):
@@ -129,7 +139,7 @@ class DatasetIndex:
             with Image.open(path) as img:
                 return img.convert("RGB")
         except DECODE_ERRORS as err:
-            raise UnreadableSample(BadSample(i, path, f"{type(err).__name__}: {err}")) from err
+            raise UnreadableSample(BadSample(i, path, decode_error(err, path))) from err
 
     def record_bad(self, found: list[BadSample]) -> None:
         """Add samples found unreadable (by a loader) to ``bad``, once each."""
