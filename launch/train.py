@@ -81,9 +81,9 @@ def config_error(err: Exception) -> int:
     if launched and os.environ.get("RANK", "0") == "0":
         # accelerate's launcher raises (CalledProcessError for one process, torchrun's
         # ChildFailedError for several) whenever a process exits non-zero
-        print("(accelerate's launcher prints a traceback of its own below: the error is the "
-              "line above; with one process `accelerate launch -q ...` leaves it out)",
-              file=sys.stderr, flush=True)
+        print("(a traceback that accelerate's launcher prints after this line is its own, "
+              "and its exit status 1: the error is the line above; with one process "
+              "`accelerate launch -q ...` leaves the traceback out)", file=sys.stderr, flush=True)
     return 2
 
 

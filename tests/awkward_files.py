@@ -2,8 +2,9 @@
 
 ``train/`` holds ``good`` small JPEGs per class plus the odd-but-readable files every backend
 must decode (grayscale, CMYK, a PNG named .jpg) and six unreadable ones (two truncated JPEGs,
-two empty files, two text files named .jpg); ``val/`` holds a few good JPEGs per class. Images
-are 32×32 (the CIFAR pad-crop plan) so that a step costs little; ``run_config`` writes a config that trains on them.
+two empty files, two text files named .jpg); ``val/`` holds a few good JPEGs per class.
+Images are 32×32 (the CIFAR pad-crop plan's size), so a step costs little; ``run_config``
+writes a config that trains on them.
 """
 
 from __future__ import annotations
