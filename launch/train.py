@@ -1,13 +1,19 @@
 """Train a teacher or distil a student: ``accelerate launch launch/train.py --cfg X.yaml``.
 
-Re-running the same command resumes from the run directory's newest checkpoint.
+Re-running the same command resumes from the run directory's newest checkpoint (refused if the
+config differs from the one the run directory was started with: pipeline/train/resume_guard.py).
 ``--dry-run`` builds everything the config describes and runs two steps on synthetic data shaped
-like the real dataset (no dataset, teacher weights or tracking needed).
+like the real dataset (no dataset, teacher weights or tracking needed), then lists what it
+checked of the real run and what not (pipeline/train/preflight.py).
+
+Exit status: 0 done, 2 config error (the message names the file, the key and what is allowed;
+no traceback), 75 stopped by a signal after a checkpoint (requeue).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -69,6 +75,41 @@ def dry_run_spec(spec: RunSpec, run_dir: str) -> RunSpec:
     return spec
 
 
+def config_error(err: Exception) -> int:
+    """Print a config error (no traceback) and return its exit status, 2."""
+    print(f"config error: {err}", file=sys.stderr, flush=True)
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION") is not None
+    if launched and os.environ.get("RANK", "0") == "0":
+        # accelerate's launcher raises (CalledProcessError for one process, torchrun's
+        # ChildFailedError for several) whenever a process exits non-zero
+        print("(a traceback that accelerate's launcher prints after this line is its own, "
+              "and its exit status 1: the error is the line above; with one process "
+              "`accelerate launch -q ...` leaves the traceback out)", file=sys.stderr, flush=True)
+    return 2
+
+
+def dry_run(spec: RunSpec, cfg: str) -> int:
+    """The dry run: build, two synthetic steps, then the checks of the real run."""
+    from pipeline.train.preflight import preflight, report
+    from pipeline.train.trainer import Trainer
+
+    findings = preflight(spec)  # before dry_run_spec replaces the data with synthetic data
+    with tempfile.TemporaryDirectory(prefix="dry-run-") as tmp:
+        spec = dry_run_spec(spec, tmp)
+        trainer = Trainer(spec, load_teacher=False, config_text=dump_config(spec))
+        trainer.fit()
+        n = trainer.acc.num_processes
+        errors = [f for f in findings if f.status == "error"]
+        missing = [f for f in findings if f.status == "missing"]
+        verdict = ("builds and runs" if not errors else
+                   f"builds and runs, but {len(errors)} error(s) would stop the real run")
+        tail = f"; {len(missing)} path(s) not on this machine" if missing else ""
+        trainer.acc.print(f"dry run of {cfg}: the config {verdict} ({n} process(es), two steps "
+                          f"on synthetic data){tail}\n{report(findings)}")
+        trainer.acc.end_training()
+    return 2 if errors else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from pipeline.train.signals import STOP
@@ -80,27 +121,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = load_run_config(args.cfg, overrides, check_paths=not args.dry_run)
     except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
+        return config_error(err)
 
     from pipeline.train.signals import EXIT_REQUEUE
     from pipeline.train.trainer import Trainer
 
     try:
         if args.dry_run:
-            with tempfile.TemporaryDirectory(prefix="dry-run-") as tmp:
-                spec = dry_run_spec(spec, tmp)
-                trainer = Trainer(spec, load_teacher=False, config_text=dump_config(spec))
-                trainer.fit()
-                n = trainer.acc.num_processes
-                trainer.acc.print(f"dry run of {args.cfg}: ok ({n} process(es))")
-                trainer.acc.end_training()
-            return 0
+            return dry_run(spec, args.cfg)
         trainer = Trainer(spec, config_text=dump_config(spec))
+        # found while training: a teacher-cache chunk whose checksum fails on first read
+        result = trainer.fit()
     except ConfigError as err:  # found while building: a refused cache, a missing split ...
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
-    result = trainer.fit()
+        return config_error(err)
     trainer.acc.end_training()
     if result.get("interrupted"):
         return EXIT_REQUEUE

@@ -334,3 +334,28 @@ def test_trainer_runs_through_the_odd_folder(folder, tmp_path: Path, backend: st
     assert all(name in done.stdout for name in BAD), done.stdout[-3000:]
     report = json.loads((run_dir / "bad_samples.json").read_text())
     assert sorted(Path(r["path"]).name for r in report) == sorted(BAD)
+
+
+def test_every_backend_names_the_file_of_an_unreadable_image(tmp_path: Path) -> None:
+    """PIL's 'cannot identify image file <_io.BytesIO object at 0x…>' from the readers that
+    decode bytes in memory (DALI's check, the FFCV writer) names the file instead."""
+    from pipeline.data.dali import read_encoded
+    from pipeline.data.ffcv_write import prepare
+    from pipeline.data.index import UnreadableSample
+
+    folder = tmp_path / "ds" / "train" / "a"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(folder / "good.jpg")
+    (folder / "notes.jpg").write_bytes(b"this is a text file, not an image\n" * 4)
+    spec = DataSpec(dataset="imagefolder", root=str(tmp_path / "ds"), eval_splits=["train"])
+    index = build_index(spec, "train")
+    bad = [i for i in range(len(index)) if index.path(i).endswith("notes.jpg")][0]
+    errors = []
+    for read in (lambda: index.load(bad), lambda: read_encoded(index, bad)):
+        with pytest.raises(UnreadableSample) as info:
+            read()
+        errors.append(info.value.bad.error)
+    errors.append(prepare(index, bad, 0, 90)[2])
+    for error in errors:
+        assert error is not None and "BytesIO" not in error, error
+    assert str(folder / "notes.jpg") in errors[1] and str(folder / "notes.jpg") in errors[2]

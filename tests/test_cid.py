@@ -339,7 +339,7 @@ def test_options_and_registration() -> None:
     assert parsed.alpha == 65.0 and parsed.context == "full" and parsed.beta == 1.0
     with pytest.raises(ConfigError, match="r.yaml: method.centres"):
         CID.parse_options({"centres": "both"}, "method", "r.yaml")
-    with pytest.raises(ConfigError, match="r.yaml: method: beta: expected a weight >= 0"):
+    with pytest.raises(ConfigError, match="r.yaml: method.beta: expected a weight >= 0"):
         CID.parse_options({"beta": -1}, "method", "r.yaml")
     with pytest.raises(ValueError, match="leaves none of the 4 epochs"):
         CIDIntervention(InterventionOptions(warmup_epochs=4), ctx(epochs=4))

@@ -13,8 +13,10 @@ from pipeline.distill.ipwd import (
     IPWD,
     IPWDOptions,
     auto_warmup_epochs,
+    ipwd_log_weights,
     ipwd_raw_weights,
     normalize_and_clip,
+    normalize_and_clip_log,
 )
 from pipeline.types import Batch, ModelOutput, TeacherOutput
 
@@ -132,6 +134,56 @@ def test_normalize_then_clip() -> None:
     assert clipped.tolist() == [False, False, False, True]
     w, clipped = normalize_and_clip(raw, w_max=10.0)
     assert w.mean().item() == pytest.approx(1.0) and not clipped.any()
+
+
+# Very confident heads (standardize_logits: false): log-ratios H_kd − H_cls of 3 to 900, five
+# of them above 60 (where the old float32 code clamped them into equal weights) and two above
+# 709 (where exp overflows float64). One KD head per row is wrong by ``gap``; the CE head is
+# right by 40.
+CONFIDENT_GAPS = (900.0, 780.0, 130.0, 95.0, 70.0, 3.0, 0.0, 25.0)
+
+
+def confident_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n = len(CONFIDENT_GAPS)
+    y = torch.arange(n) % C
+    zkd, zcls = torch.zeros(n, C), torch.zeros(n, C)
+    for b, gap in enumerate(CONFIDENT_GAPS):
+        zkd[b, (int(y[b]) + 1) % C] = gap  # the KD head puts its mass on another class
+        zcls[b, int(y[b])] = 40.0
+    return zkd, zcls, y
+
+
+def decimal_normalised(zkd: torch.Tensor, zcls: torch.Tensor, y: torch.Tensor,
+                       w_max: float) -> list[float]:
+    """The spec's formula in 60-digit decimal arithmetic: w = 1 + exp(H_kd − H_cls), w·N/Σw,
+    then clip: no overflow, no log-space trick."""
+    from decimal import Decimal, getcontext
+
+    getcontext().prec = 60
+
+    def h(row: list[float], label: int) -> Decimal:  # −log softmax(row)_label
+        return (sum((Decimal(v) - Decimal(row[label])).exp() for v in row)).ln()
+
+    raw = [1 + (h(zkd[b].tolist(), int(y[b])) - h(zcls[b].tolist(), int(y[b]))).exp()
+           for b in range(len(y))]
+    total = sum(raw)
+    return [min(float(w * len(raw) / total), w_max) for w in raw]
+
+
+@pytest.mark.parametrize("w_max", [1e300, 2.0])
+def test_confident_heads_match_the_formula_in_log_space(w_max: float) -> None:
+    """Log-ratios far above 60: the weights equal the formula's (one sample takes almost all of
+    the mass), not equal, clipped weights for every sample above the old clamp."""
+    zkd, zcls, y = confident_inputs()
+    log_w = ipwd_log_weights(zkd, zcls, y, "propensity", standardize=False)
+    assert log_w.dtype == torch.float64 and torch.isfinite(log_w).all()
+    assert (log_w > 60).sum() == 5
+    got, clipped = normalize_and_clip_log(log_w, w_max)
+    want = decimal_normalised(zkd, zcls, y, w_max)
+    assert got.tolist() == pytest.approx(want, rel=1e-6, abs=1e-30)
+    n = len(CONFIDENT_GAPS)
+    assert want[0] == pytest.approx(min(n, w_max), rel=1e-6) and want[1] < 1e-40
+    assert clipped.tolist() == [n > w_max] + [False] * (n - 1)
 
 
 @pytest.mark.parametrize(

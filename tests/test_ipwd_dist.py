@@ -1,20 +1,24 @@
 """IPWD across two gloo processes: weights normalised to mean 1 over both processes' samples,
-equal to those of one process seeing the concatenated batch; global epoch metrics."""
+equal to those of one process seeing the concatenated batch; global epoch metrics; and, with
+log-ratios far above 60, the log-space normalisation with the maximum agreed across processes
+(the sample with the largest log-ratio sits on the other process than most of the mass)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pipeline.distill.ipwd import IPWD, IPWDOptions
+from pipeline.distill.ipwd import IPWD, IPWDOptions, ipwd_log_weights, normalize_and_clip_log
 from pipeline.types import ModelOutput, TeacherOutput
-from tests.test_ipwd import ctx, inputs, make_batch
+from tests.test_ipwd import confident_inputs, ctx, decimal_normalised, inputs, make_batch
 
 SIZES = (5, 8)  # unequal per-process batches
 W_MAX = {"noclip": 1e6, "clip": 2.0}
+CONFIDENT_SHARDS = ([1, 6, 7], [0, 2, 3, 4, 5])  # rows of confident_inputs() per process
 
 
 def shard(rank: int):
@@ -44,14 +48,33 @@ def worker(rank: int, init_file: str, out_dir: str) -> None:
             weights = run(method, *shard(rank))
             method.end_epoch(0)
             result[name] = {"weights": weights, "metrics": method.epoch_metrics()}
+        zkd, zcls, y = (t[CONFIDENT_SHARDS[rank]] for t in confident_inputs())
+        log_w = ipwd_log_weights(zkd, zcls, y, "propensity", standardize=False)
+        result["confident"] = normalize_and_clip_log(log_w, 1e300)[0]
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def test_weights_normalised_across_processes(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def got(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    """What each of two gloo processes computed (one spawn for the module)."""
+    tmp_path = tmp_path_factory.mktemp("ipwd_dist")
     mp.spawn(worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+
+
+def test_confident_heads_across_processes(got: list[dict]) -> None:
+    zkd, zcls, y = confident_inputs()
+    want = decimal_normalised(zkd, zcls, y, 1e300)
+    both = torch.empty(len(y), dtype=torch.float32)
+    for rank, rows in enumerate(CONFIDENT_SHARDS):
+        both[rows] = got[rank]["confident"]
+    assert both.tolist() == pytest.approx(want, rel=1e-6, abs=1e-30)
+    assert both[0].item() == pytest.approx(len(y), rel=1e-6)  # on process 1, beside 4 others
+
+
+def test_weights_normalised_across_processes(got: list[dict]) -> None:
     parts = [shard(r) for r in range(2)]
     whole = [torch.cat([p[i] for p in parts]) for i in range(4)]
     for name, w_max in W_MAX.items():

@@ -10,9 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config.coerce import fail, file_for
+from pipeline.config.defaults import default_cache_dir
 from pipeline.config.errors import ConfigError
+from pipeline.config.layouts import layout_hint
+from pipeline.config.ranges import check_ranges
 from pipeline.config.schema import RunSpec
 from pipeline.config.selection_checks import check_train_selection
+from pipeline.config.timm_names import timm_problem
 from pipeline.registry import Registry, closest
 
 TIMM_PREFIX = "timm:"  # model.arch: timm:<name> builds timm.create_model(<name>)
@@ -23,22 +27,8 @@ def check_values(spec: RunSpec, method_cls: Any, root: str) -> None:
     data, optim = spec.data, spec.optim
     if not data.eval_splits:
         fail("data.eval_splits", "expected at least one split, found []", root)
-    minimums = [
-        ("data.batch_size", data.batch_size, 1),
-        ("data.eval_batch_size", data.eval_batch_size, 1),
-        ("data.image_size", data.image_size, 1),
-        ("data.workers", data.workers, 0),
-        ("data.views", data.views, 0),
-        ("optim.epochs", optim.epochs, 1),
-        ("optim.grad_accum", optim.grad_accum, 1),
-    ]
-    for key, value, low in minimums:
-        if value < low:
-            fail(key, f"expected a value >= {low}, found {value}", root)
+    check_ranges(spec, root)  # every numeric key (pipeline/config/ranges.py)
     check_train_selection(data, root)
-    for key, values in (("data.mean", data.mean), ("data.std", data.std)):
-        if len(values) != 3:
-            fail(key, f"expected 3 values (one per RGB channel), found {len(values)}", root)
     if data.sampler == "coss":  # CoSS nearest-neighbour batches (pipeline/data/coss_sampler.py)
         if not 0 <= data.coss_k <= data.coss_m:
             fail("data.coss_k", f"expected 0 <= coss_k <= coss_m = {data.coss_m}, found "
@@ -66,8 +56,13 @@ def check_values(spec: RunSpec, method_cls: Any, root: str) -> None:
         raise ConfigError(
             f"{file_for('method.name', root)}: method {name!r} needs a teacher: set teacher.arch"
         )
-    if teacher is not None and teacher.source == "cached" and not teacher.cache_dir:
-        fail("teacher.cache_dir", "required when teacher.source is 'cached', found null", root)
+    if teacher is not None and teacher.source == "cached":
+        if data.views < 1:
+            fail("teacher.source", "'cached' needs data.views = the K >= 1 views of the cache "
+                 "(epoch e uses view e mod K), found data.views = 0 (a fresh view every epoch, "
+                 "which only the online teacher can serve)", root)
+        if not teacher.cache_dir:  # the writer's default (pipeline/config/defaults.py)
+            teacher.cache_dir = default_cache_dir(spec)
     if teacher is not None and teacher.source == "cached" and data.ffcv_random_crop:
         fail("data.ffcv_random_crop", "expected false when teacher.source is 'cached': FFCV's own "
              "random crops are not the plan's views that the cache describes", root)
@@ -87,7 +82,10 @@ def check_archs(spec: RunSpec, models: Registry[Any], root: str) -> None:
         archs.append(("teacher.arch", spec.teacher.arch))
     for key, arch in archs:
         if arch.startswith(TIMM_PREFIX) and len(arch) > len(TIMM_PREFIX):
-            continue  # timm's own names are checked when the network is built
+            problem = timm_problem(arch)  # imports timm only for a timm: arch
+            if problem:
+                fail(key, problem, root)
+            continue
         if arch not in models:
             hint = closest(arch, models.names())
             tail = f"did you mean {hint!r}? " if hint else ""
@@ -102,7 +100,8 @@ def check_files(spec: RunSpec, root: str) -> None:
     load the config before that file exists; the training loader checks it when it opens it.
     """
     if spec.data.dataset != "synthetic":
-        _must_exist("data.root", spec.data.root, root, directory=True)
+        _must_exist("data.root", spec.data.root, root, directory=True,
+                    hint=layout_hint(spec.data.dataset))
     weights = [("model.weights", spec.model.weights)]
     if spec.teacher is not None:
         weights.append(("teacher.weights", spec.teacher.weights))
@@ -111,7 +110,7 @@ def check_files(spec: RunSpec, root: str) -> None:
             _must_exist(key, value, root, directory=False)
 
 
-def _must_exist(key: str, value: str, root: str, *, directory: bool) -> None:
+def _must_exist(key: str, value: str, root: str, *, directory: bool, hint: str = "") -> None:
     path = Path(value).expanduser()
     absolute = path if path.is_absolute() else Path.cwd() / path
     kind = "directory" if directory else "file"
@@ -119,5 +118,5 @@ def _must_exist(key: str, value: str, root: str, *, directory: bool) -> None:
     if not ok:
         found = "not found" if not absolute.exists() else f"is not a {kind}"
         relative = "" if path.is_absolute() else " (relative paths resolve against the cwd)"
-        fail(key, f"{kind} {found}: {absolute}{relative}", root)
+        fail(key, f"{kind} {found}: {absolute}{relative}" + (f"; {hint}" if hint else ""), root)
 

@@ -164,6 +164,11 @@ def to_dataclass(cls: type, raw: Any, where: str, file: str) -> Any:
     except (TypeError, ValueError) as exc:  # a __post_init__ check of the dataclass
         if isinstance(exc, ConfigError):
             raise
+        # "<field>: <problem>" names the key: report it as <where>.<field>, with the file that
+        # set that key (a --set of method.T, say, rather than the file of the section).
+        name, sep, problem = str(exc).partition(": ")
+        if sep and name in hints:
+            fail(join(where, name), problem, file)
         fail(where, str(exc), file)
 
 

@@ -111,6 +111,9 @@ class TrainSpec:
     # Seconds a collective may wait for a peer before the process fails (a hung or lost process
     # otherwise blocks the others; a killed one usually surfaces sooner as a connection error).
     dist_timeout_s: int = 1800
+    # Resume a run directory with a config that differs from the one it was started with: the
+    # change is recorded as a new config version (pipeline/train/resume_guard.py).
+    allow_config_change: bool = False
 
 
 @dataclass

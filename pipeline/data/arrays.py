@@ -16,7 +16,7 @@ import numpy as np
 
 from pipeline.config.errors import ConfigError
 from pipeline.config.schema import DataSpec
-from pipeline.data.index import DATASETS, DatasetIndex, require
+from pipeline.data.index import DATASETS, DatasetIndex, require, split_key
 
 _CIFAR = {
     "cifar10": {
@@ -81,7 +81,8 @@ def cifar_index(spec: DataSpec, split: str, root: Path) -> DatasetIndex:
     if not folder.is_dir() and (root / layout["meta"]).exists():
         folder = root
     if split not in ("train", "test"):
-        raise ConfigError(f"data: {spec.dataset} has splits train|test, found split {split!r}")
+        raise ConfigError(f"{split_key(spec, split)}: {spec.dataset} has splits train|test, "
+                          f"found split {split!r}")
     meta_path = require(folder / layout["meta"], f"the {spec.dataset} file {layout['meta']!r}")
     classes = [_text(c) for c in _field(_load_pickle(meta_path), layout["names"], meta_path)]
     images, labels = [], []
@@ -124,7 +125,8 @@ def stl10_index(spec: DataSpec, split: str, root: Path) -> DatasetIndex:
     if not folder.is_dir() and (root / "class_names.txt").exists():
         folder = root
     if split not in ("train", "test"):
-        raise ConfigError(f"data: stl10 has labelled splits train|test, found split {split!r}")
+        raise ConfigError(f"{split_key(spec, split)}: stl10 has labelled splits train|test, "
+                          f"found split {split!r}")
     names = require(folder / "class_names.txt", "the STL-10 file 'class_names.txt'")
     classes = [c.strip() for c in names.read_text().splitlines() if c.strip()]
     x_path = require(folder / f"{split}_X.bin", f"the STL-10 file '{split}_X.bin'")

@@ -22,7 +22,6 @@ These are the operations of ``transforms.apply_crop`` / ``EvalTransform`` in tha
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -33,7 +32,6 @@ from pipeline.data import loader as tv
 from pipeline.data.index import BadSample, DatasetIndex
 from pipeline.data.plan import AugPlan, Crop, view_for_epoch
 from pipeline.data.transforms import EvalTransform
-from pipeline.types import Batch
 
 BACKENDS = ("torchvision", "dali", "ffcv")
 INSTALL = {

@@ -49,7 +49,13 @@ from pipeline.data.backends import (
     missing_backend,
     train_geometry,
 )
-from pipeline.data.index import DECODE_ERRORS, BadSample, DatasetIndex, UnreadableSample
+from pipeline.data.index import (
+    DECODE_ERRORS,
+    BadSample,
+    DatasetIndex,
+    UnreadableSample,
+    decode_error,
+)
 from pipeline.types import Batch
 
 PREFETCH = 2  # DALI's prefetch queue depth: batches in flight besides the one being read
@@ -140,7 +146,7 @@ def read_encoded(
             with Image.open(io.BytesIO(data)) as img:
                 fmt, mode, (w, h) = img.format, img.mode, img.size
         except DECODE_ERRORS as err:
-            raise bad(f"{type(err).__name__}: {err}") from err
+            raise bad(decode_error(err, path)) from err
         if fmt == "JPEG":
             problem = jpeg_problem(data)
         elif fmt == "PNG":

@@ -33,7 +33,7 @@ from PIL import Image
 
 from pipeline.data.backends import missing_backend
 from pipeline.data.ffcv import FORMAT, sidecar
-from pipeline.data.index import DECODE_ERRORS, DatasetIndex
+from pipeline.data.index import DECODE_ERRORS, DatasetIndex, decode_error
 
 MODES = {0: "original", 1: "raw", 2: "reencoded", -1: "bad"}
 _ORIGINAL, _RAW, _REENCODED, _BAD = 0, 1, 2, -1
@@ -76,7 +76,7 @@ def prepare(
                 fmt, mode = img.format, img.mode
                 rgb = img.convert("RGB")
         except DECODE_ERRORS as err:
-            return placeholder, (0, 0, 0, 0, _BAD), f"{type(err).__name__}: {err}"
+            return placeholder, (0, 0, 0, 0, _BAD), decode_error(err, index.path(i))
     w, h = rgb.size
     if max_resolution and max(w, h) > max_resolution:
         ratio = max_resolution / max(w, h)

@@ -15,7 +15,7 @@ import numpy as np
 
 from pipeline.config.errors import ConfigError
 from pipeline.config.schema import DataSpec
-from pipeline.data.index import DATASETS, DatasetIndex, require
+from pipeline.data.index import DATASETS, DatasetIndex, require, split_key
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -87,7 +87,8 @@ def imagefolder_index(
     so every split of a dataset numbers classes alike; another split may lack some classes."""
     hint = " (make it with: python tools/make_demo_data.py)" if kind == "demo" else ""
     require(root, f"the dataset root of {kind}{hint}")
-    split_dir = require(root / split, f"the {split!r} split folder (root/<split>/<class>/...)")
+    split_dir = require(root / split, f"the {split!r} split folder (root/<split>/<class>/...)",
+                        split_key(spec, split))
     train_dir = root / spec.train_split
     classes = class_dirs(train_dir if train_dir.is_dir() else split_dir)
     if not classes:
@@ -117,7 +118,8 @@ def tiny_imagenet_index(spec: DataSpec, split: str, root: Path) -> DatasetIndex:
         raise ConfigError(f"data: expected distinct wnids in {wnids_file}, found duplicates")
     if split == "test":
         raise ConfigError(f"data: the Tiny-ImageNet test split at {root / 'test'} has no labels")
-    split_dir = require(root / split, f"the Tiny-ImageNet {split!r} split folder")
+    split_dir = require(root / split, f"the Tiny-ImageNet {split!r} split folder",
+                        split_key(spec, split))
     annotations = split_dir / f"{split}_annotations.txt"
     if split != spec.train_split and (annotations.exists() or (split_dir / "images").is_dir()):
         # The distributed layout: split/images/*.JPEG labelled by the annotations file.

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +38,15 @@ DECODE_ERRORS: tuple[type[BaseException], ...] = (
     struct.error,
     Image.DecompressionBombError,
 )
+
+
+_BUFFER_REPR = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
+
+
+def decode_error(err: BaseException, path: str) -> str:
+    """``<Type>: <message>`` of a decoding error, with the file's path where PIL's message names
+    the in-memory buffer it read (``cannot identify image file <_io.BytesIO object at 0x…>``)."""
+    return f"{type(err).__name__}: " + _BUFFER_REPR.sub(path, str(err))
 
 
 class BadSample(NamedTuple):
@@ -132,7 +142,7 @@ class DatasetIndex:
             with Image.open(path) as img:
                 return img.convert("RGB")
         except DECODE_ERRORS as err:
-            raise UnreadableSample(BadSample(i, path, f"{type(err).__name__}: {err}")) from err
+            raise UnreadableSample(BadSample(i, path, decode_error(err, path))) from err
 
     def record_bad(self, found: list[BadSample]) -> None:
         """Add samples found unreadable (by a loader) to ``bad``, once each."""
@@ -191,8 +201,20 @@ def build_index(spec: DataSpec, split: str) -> DatasetIndex:
     return index
 
 
-def require(path: Path, what: str) -> Path:
-    """``path`` if it exists, else a ConfigError that says what was expected there."""
+def split_key(spec: DataSpec, split: str) -> str:
+    """The config key that named ``split``: ``data.train_split`` or ``data.eval_splits``."""
+    return "data.train_split" if split == spec.train_split else "data.eval_splits"
+
+
+def require(path: Path, what: str, key: str = "data.root") -> Path:
+    """``path`` if it exists, else a ConfigError that says what was expected there, under the
+    config key to fix (``data.root``, or the split key for a missing split folder), with what
+    the parent folder does hold."""
     if not path.exists():
-        raise ConfigError(f"data.root: expected {what} at {path}, found nothing there")
+        held = ""
+        if path.parent.is_dir():
+            names = sorted(p.name for p in path.parent.iterdir() if not p.name.startswith("."))
+            shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+            held = f" ({path.parent} holds: {shown or 'nothing'})"
+        raise ConfigError(f"{key}: expected {what} at {path}, found nothing there{held}")
     return path

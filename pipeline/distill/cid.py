@@ -80,6 +80,7 @@ from pipeline.distill.cid_terms import (
 )
 from pipeline.distill.compose import mark_rank_local_buffers
 from pipeline.distill.losses import cross_entropy, kd_loss
+from pipeline.distill.options import check_choice, check_temperature, check_weights
 from pipeline.distill.requirements import Requirements
 from pipeline.types import Batch, ModelOutput, TeacherOutput
 
@@ -87,19 +88,14 @@ CODE_WARMUP, CODE_EPOCHS = 20, 240  # init_epochs and epochs of the authors' CIF
 
 
 def _check_weights(opts: Any, keys: tuple[str, ...]) -> None:
-    for key in keys:
-        if getattr(opts, key) < 0:
-            raise ValueError(f"{key}: expected a weight >= 0, found {getattr(opts, key)}")
+    check_weights(opts, *keys)
 
 
-def _check_choice(opts: Any, key: str, choices: tuple[str, ...]) -> None:
-    if getattr(opts, key) not in choices:
-        raise ValueError(f"{key}: expected one of {choices}, found {getattr(opts, key)!r}")
+_check_choice = check_choice
 
 
 def _check_intervention(opts: Any) -> None:
-    if not opts.T > 0:
-        raise ValueError(f"T: expected a temperature > 0, found {opts.T}")
+    check_temperature(opts.T)
     if opts.warmup_epochs < -1:
         raise ValueError(f"warmup_epochs: expected -1 (auto) or >= 0, found {opts.warmup_epochs}")
     _check_choice(opts, "centres", ("student", "teacher"))

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.distill.base import METHODS, Method, MethodContext
+from pipeline.distill.options import check_weights
 from pipeline.distill.requirements import Requirements
 from pipeline.types import Batch, ModelOutput, TeacherOutput
 
@@ -89,10 +90,8 @@ class CoSSOptions:
     imagenet_temperature_scale: bool = False  # true: × 1/(0.07·0.1), the ImageNet code's gain
 
     def __post_init__(self) -> None:
-        # The config loader reports a ValueError here as "<file>: method: <message>".
-        for key in ("beta", "lambda_co", "lambda_ss"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"{key}: expected a weight >= 0, found {getattr(self, key)}")
+        # The config loader reports a ValueError here as "<file>: method.<key>: <message>".
+        check_weights(self, "beta", "lambda_co", "lambda_ss")
 
 
 @METHODS.register("coss")

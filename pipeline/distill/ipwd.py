@@ -24,8 +24,10 @@ H_cls = −log σ(z_cls)_y:
 - ``weight_rule: propensity`` (default, [I]): with equal priors on the latent "machine" (KD head)
   and "human" (CE head) domains, P(machine | x, y) = p_m / (p_m + p_h), whose inverse is
   w = 1 + p_h/p_m = 1 + exp(H_kd − H_cls). Samples the KD head under-represents get large
-  weights. H_kd − H_cls is clamped at 60 before exp so that the batch sum stays finite in
-  float32; such a sample takes the whole clipped weight either way.
+  weights. The weights are kept as logarithms, log w = logaddexp(0, H_kd − H_cls) in float64,
+  and normalised in log space (below), so the spec's formula holds for any logits: with very
+  confident heads H_kd − H_cls can exceed 700, where exp overflows even float64, and the
+  sample with the largest log-ratio gets the mass the formula gives it, not a tie with others.
 - ``weight_rule: summary`` ([3P], a secondary summary of the paper, never the default):
   w = 1 + H_cls/(H_kd + 1e-7). Its direction contradicts the IPW reasoning above; spec §2.2
   says plainly that the direction is not settled, and so do we.
@@ -34,7 +36,10 @@ H_cls = −log σ(z_cls)_y:
   (z − mean_c z) / std_c z with the population std (floored at 1e-6), before the softmax of
   the weight estimate only. The loss terms use the raw logits.
 - Normalisation then clipping (spec §2.3, in that order): w ← w·N/Σw with Σw and N summed over
-  **all processes** (``all_reduce_sum``), so the global mean is exactly 1 before clipping; then
+  **all processes**, so the global mean is exactly 1 before clipping. In log space:
+  w_i·N/Σ_j w_j = exp(log w_i − M − log Σ_j exp(log w_j − M) + log N), where M, the largest
+  log w of any process, is agreed first (``all_reduce`` MAX) and Σ_j and N are then summed over
+  the processes (``all_reduce_sum``): a logsumexp across processes. Then
   w ← clip(w, 0, w_max), w_max = 10. After clipping the mean can be below 1; we do not
   renormalise (doing so could push weights back above w_max). ``weight_clipped`` in the epoch
   metrics says how often clipping acted.
@@ -68,6 +73,7 @@ from torch import Tensor, nn
 from pipeline.dist import all_reduce_sum, is_distributed
 from pipeline.distill.base import METHODS, Method, MethodContext
 from pipeline.distill.losses import cross_entropy, kd_loss_per_sample
+from pipeline.distill.options import check_at_least, check_choice, check_temperature, check_weights
 from pipeline.distill.requirements import Requirements
 from pipeline.types import Batch, ModelOutput, TeacherOutput
 
@@ -76,7 +82,6 @@ WeightRule = Literal["propensity", "summary"]
 CODE_WARMUP, CODE_EPOCHS = 5, 240  # spec §2.3: 5 warm-up epochs of 240 on CIFAR
 SUMMARY_EPS = 1e-7  # ε of the summary rule (spec §2.3)
 STD_FLOOR = 1e-6  # keeps the standardisation finite for constant logits
-MAX_LOG_RATIO = 60.0  # exp(60) ≈ 1e26: a batch sum of such weights stays finite in float32
 
 
 def auto_warmup_epochs(epochs: int) -> int:
@@ -90,11 +95,47 @@ def warmup_for(opts: IPWDOptions, epochs: int) -> int:
 
 
 def standardize_logits(logits: Tensor) -> Tensor:
-    """(z − mean_c z) / std_c z per row, population std floored at ``STD_FLOOR``."""
-    z = logits.float()
+    """(z − mean_c z) / std_c z per row, population std floored at ``STD_FLOOR`` (float64)."""
+    z = logits.to(torch.float64)
     mean = z.mean(dim=1, keepdim=True)
     std = z.std(dim=1, correction=0, keepdim=True).clamp_min(STD_FLOOR)
     return (z - mean) / std
+
+
+@torch.no_grad()
+def ipwd_log_weights(
+    kd_logits: Tensor,
+    cls_logits: Tensor,
+    labels: Tensor,
+    rule: WeightRule = "propensity",
+    standardize: bool = True,
+) -> Tensor:
+    """log of the unnormalised IPWD weights, shape (B,), float64, without gradient.
+
+    Args:
+        kd_logits: z_kd, the student's original (KD-trained) head, shape (B, C).
+        cls_logits: z_cls, the extra CE-trained head, shape (B, C).
+        labels: y, shape (B,).
+        rule: ``propensity`` (log(1 + exp(H_kd − H_cls)), as logaddexp) or ``summary``
+            (log1p(H_cls/(H_kd + ε))).
+        standardize: standardise each head's logits over classes before the softmax.
+    """
+    if kd_logits.shape != cls_logits.shape or kd_logits.dim() != 2:
+        raise ValueError(
+            "ipwd: expected kd and cls logits of the same shape (B, C), found "
+            f"{tuple(kd_logits.shape)} and {tuple(cls_logits.shape)}"
+        )
+    z_kd = kd_logits.detach().to(torch.float64)
+    z_cls = cls_logits.detach().to(torch.float64)
+    if standardize:
+        z_kd, z_cls = standardize_logits(z_kd), standardize_logits(z_cls)
+    h_kd = F.cross_entropy(z_kd, labels.long(), reduction="none")
+    h_cls = F.cross_entropy(z_cls, labels.long(), reduction="none")
+    if rule == "propensity":
+        return torch.logaddexp(torch.zeros_like(h_kd), h_kd - h_cls)
+    if rule == "summary":
+        return torch.log1p(h_cls / (h_kd + SUMMARY_EPS))
+    raise ValueError(f"ipwd: expected weight_rule 'propensity' or 'summary', found {rule!r}")
 
 
 @torch.no_grad()
@@ -105,47 +146,36 @@ def ipwd_raw_weights(
     rule: WeightRule = "propensity",
     standardize: bool = True,
 ) -> Tensor:
-    """Unnormalised IPWD weights, shape (B,), float32, without gradient.
+    """The unnormalised weights exp(``ipwd_log_weights``), float64 (inf where log w > ~709;
+    training normalises the logarithms instead, see ``normalize_and_clip_log``)."""
+    return ipwd_log_weights(kd_logits, cls_logits, labels, rule, standardize).exp()
 
-    Args:
-        kd_logits: z_kd, the student's original (KD-trained) head, shape (B, C).
-        cls_logits: z_cls, the extra CE-trained head, shape (B, C).
-        labels: y, shape (B,).
-        rule: ``propensity`` (1 + exp(H_kd − H_cls)) or ``summary`` (1 + H_cls/(H_kd + ε)).
-        standardize: standardise each head's logits over classes before the softmax.
+
+@torch.no_grad()
+def normalize_and_clip_log(log_weights: Tensor, w_max: float) -> tuple[Tensor, Tensor]:
+    """Weights with logarithms ``log_weights`` scaled to mean 1 over all processes' samples,
+    then clipped to [0, w_max]; the scaling is a logsumexp across processes (module docstring).
+
+    Collective when distributed: every process must call it (an empty batch included). Returns
+    (the weights, float32, and a boolean mask of the samples whose normalised weight exceeded
+    ``w_max``).
     """
-    if kd_logits.shape != cls_logits.shape or kd_logits.dim() != 2:
-        raise ValueError(
-            "ipwd: expected kd and cls logits of the same shape (B, C), found "
-            f"{tuple(kd_logits.shape)} and {tuple(cls_logits.shape)}"
-        )
-    z_kd, z_cls = kd_logits.detach().float(), cls_logits.detach().float()
-    if standardize:
-        z_kd, z_cls = standardize_logits(z_kd), standardize_logits(z_cls)
-    h_kd = F.cross_entropy(z_kd, labels.long(), reduction="none")
-    h_cls = F.cross_entropy(z_cls, labels.long(), reduction="none")
-    if rule == "propensity":
-        return 1.0 + torch.exp((h_kd - h_cls).clamp_max(MAX_LOG_RATIO))
-    if rule == "summary":
-        return 1.0 + h_cls / (h_kd + SUMMARY_EPS)
-    raise ValueError(f"ipwd: expected weight_rule 'propensity' or 'summary', found {rule!r}")
+    lw = log_weights.to(torch.float64)
+    top = lw.max() if lw.numel() else lw.new_tensor(-math.inf)
+    top = _all_reduce_max(top.reshape(1).clone())[0]
+    # M is kept on the device (no host sync per step); -inf only when no process has a sample.
+    shift = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    totals = torch.stack([torch.exp(lw - shift).sum(), lw.new_tensor(float(lw.numel()))])
+    all_reduce_sum(totals)
+    normed = torch.exp(lw - shift - torch.log(totals[0]) + torch.log(totals[1]))
+    clipped = normed > w_max
+    return normed.clamp(0.0, w_max).float(), clipped
 
 
 @torch.no_grad()
 def normalize_and_clip(weights: Tensor, w_max: float) -> tuple[Tensor, Tensor]:
-    """Scale ``weights`` to mean 1 over all processes' samples, then clip to [0, w_max].
-
-    Collective when distributed: every process must call it. Returns (the weights, float32, and
-    a boolean mask of the samples whose normalised weight exceeded ``w_max``).
-    """
-    w = weights.double()
-    totals = torch.stack([w.sum(), w.new_tensor(float(w.numel()))])
-    all_reduce_sum(totals)
-    # N/Σw, kept on the device (no host sync per step); Σw > 0 since every weight is >= 1.
-    scale = torch.where(totals[0] > 0, totals[1] / totals[0], torch.ones_like(totals[0]))
-    normed = w * scale
-    clipped = normed > w_max
-    return normed.clamp(0.0, w_max).float(), clipped
+    """``normalize_and_clip_log`` of plain (positive) weights."""
+    return normalize_and_clip_log(weights.to(torch.float64).log(), w_max)
 
 
 @dataclass
@@ -162,19 +192,11 @@ class IPWDOptions:
     cls_head_grad: bool = False
 
     def __post_init__(self) -> None:
-        # The config loader reports a ValueError here as "<file>: method: <message>".
-        if not self.T > 0:
-            raise ValueError(f"T: expected a temperature > 0, found {self.T}")
-        for key in ("ce_weight", "kd_weight"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"{key}: expected a weight >= 0, found {getattr(self, key)}")
-        if self.weight_rule not in ("propensity", "summary"):
-            raise ValueError(
-                f"weight_rule: expected 'propensity' or 'summary', found {self.weight_rule!r}"
-            )
-        if not self.w_max >= 1:
-            raise ValueError(f"w_max: expected a clip value >= 1 (the mean weight), found "
-                             f"{self.w_max}")
+        # The config loader reports a ValueError here as "<file>: method.<key>: <message>".
+        check_temperature(self.T)
+        check_weights(self, "ce_weight", "kd_weight")
+        check_choice(self, "weight_rule", ("propensity", "summary"))
+        check_at_least(self, "w_max", 1, "a clip value (the mean weight is 1)")
         if self.warmup_epochs < -1:
             raise ValueError(f"warmup_epochs: expected -1 (auto) or >= 0, found "
                              f"{self.warmup_epochs}")
@@ -218,10 +240,10 @@ class IPWD(Method):
         if self.epoch < self.warmup_epochs:
             ones = torch.ones(labels.shape[0], device=kd_logits.device)
             return ones, torch.zeros_like(ones, dtype=torch.bool)
-        raw = ipwd_raw_weights(
+        log_w = ipwd_log_weights(
             kd_logits, cls_logits, labels, self.opts.weight_rule, self.opts.standardize_logits
         )
-        return normalize_and_clip(raw, self.opts.w_max)
+        return normalize_and_clip_log(log_w, self.opts.w_max)
 
     def forward(  # type: ignore[override]
         self, student: ModelOutput, teacher: TeacherOutput | None, batch: Batch

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 
 from torch import Tensor, nn
 
+from pipeline.config.timm_names import timm_problem
 from pipeline.registry import Registry
 from pipeline.types import FeatureRequest, ModelOutput, StageInfo
 
@@ -62,4 +63,6 @@ def build_model(arch: str, num_classes: int) -> Net:
         return build_timm(arch[len(TIMM_PREFIX):], num_classes)
     import pipeline.models  # noqa: F401  (fills the registry)
 
+    if arch.startswith("timm:") and (problem := timm_problem(arch)):
+        raise ValueError(f"model.arch / teacher.arch: {problem}")
     return MODELS.get(arch)(num_classes=num_classes)

@@ -124,14 +124,37 @@ def strip_prefixes(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return state
 
 
+class WeightsMismatch(ValueError):
+    """A checkpoint that does not fit the network; ``first`` describes the first tensor (in the
+    network's order) that is missing or of another shape, else the first unexpected one."""
+
+    def __init__(self, message: str, first: str) -> None:
+        super().__init__(message)
+        self.first = first
+
+
+def first_mismatch(own: Mapping[str, Tensor], state: Mapping[str, Tensor]) -> str | None:
+    """The first tensor of ``own`` (in order) missing from ``state`` or of another shape, else
+    the first tensor of ``state`` that ``own`` lacks; None when they fit."""
+    for key, tensor in own.items():
+        if key not in state:
+            return f"{key} {tuple(tensor.shape)} is missing from the file"
+        if state[key].shape != tensor.shape:
+            return (f"{key} is {tuple(state[key].shape)} in the file but "
+                    f"{tuple(tensor.shape)} in the network")
+    extra = [k for k in state if k not in own]
+    return f"{extra[0]} is in the file but not in the network" if extra else None
+
+
 def load_strict(model: nn.Module, state: Mapping[str, Tensor], where: str) -> None:
-    """``model.load_state_dict(state, strict=True)`` with an error that lists what differs."""
+    """``model.load_state_dict(state, strict=True)`` with an error that lists what differs
+    (``WeightsMismatch``, a ValueError)."""
     own = model.state_dict()
     missing = sorted(own.keys() - state.keys())
     unexpected = sorted(state.keys() - own.keys())
     reshaped = sorted(k for k in own.keys() & state.keys() if own[k].shape != state[k].shape)
     if missing or unexpected or reshaped:
-        parts = []
+        parts = [f"first mismatch: {first_mismatch(own, state)}"]
         if missing:
             parts.append(f"{len(missing)} missing: {_first(missing)}")
         if unexpected:
@@ -140,10 +163,30 @@ def load_strict(model: nn.Module, state: Mapping[str, Tensor], where: str) -> No
             shapes = [f"{k} {tuple(state[k].shape)} in file vs {tuple(own[k].shape)} in model"
                       for k in reshaped]
             parts.append(f"{len(reshaped)} of another shape: {_first(shapes)}")
-        raise ValueError(
+        raise WeightsMismatch(
             f"weights: {where} does not fit {type(model).__name__} "
-            f"({len(own)} tensors expected): " + "; ".join(parts))
+            f"({len(own)} tensors expected): " + "; ".join(parts),
+            first_mismatch(own, state) or "")
     model.load_state_dict(state, strict=True)
+
+
+def load_weights_for(model: nn.Module, source: str, arch: str, section: str) -> dict[str, Any]:
+    """``load_weights`` for the network of a config section (``model`` or ``teacher``): any
+    failure becomes a ConfigError naming ``<section>.weights``, ``<section>.arch`` and, for a
+    checkpoint that does not fit, the first mismatching tensor."""
+    from pipeline.config.errors import ConfigError
+
+    weights_key, arch_key = f"{section}.weights", f"{section}.arch"
+    try:
+        return load_weights(model, source)
+    except WeightsMismatch as err:
+        raise ConfigError(
+            f"{weights_key}: {source} does not fit {arch_key} {arch!r}: first mismatch: "
+            f"{err.first}; set {arch_key} to the network the file was saved from, or "
+            f"{weights_key} to a checkpoint of {arch!r} ({str(err).removeprefix('weights: ')})"
+        ) from None
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        raise ConfigError(f"{weights_key}: {str(err).removeprefix('weights: ')}") from None
 
 
 def _first(items: list[str], n: int = 5) -> str:

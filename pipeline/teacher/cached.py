@@ -9,8 +9,9 @@ field or stage map the method reads, or a top-k cache made at another temperatur
 method's T. It
 then checks that every chunk of every view the run will use (views 0..min(K, epochs)-1) has its
 completion marker, and lists the missing chunks if not: it never serves a row that was not
-completely written. Checksums are not recomputed at start-up (``cache_teacher.py --verify``
-does that).
+completely written. Checksums are not recomputed at start-up but on first read: each chunk's
+bytes are checked against its marker the first time the run reads them, and a corrupt chunk is
+refused with the commands that repair it (``cache_verify.py``).
 
 Rows are read by numpy fancy indexing from read-only memory maps, at row ``view·N + index``;
 batches whose ``view`` is -1 read the eval-view arrays. Logits and embeddings come back as
@@ -42,6 +43,7 @@ from pipeline.teacher.cache_format import (
     teacher_identity,
     teacher_mismatches,
 )
+from pipeline.teacher.cache_verify import ChunkVerifier
 from pipeline.teacher.topk import rebuild_logits
 from pipeline.types import Batch, TeacherOutput
 
@@ -62,6 +64,7 @@ class CacheReader:
         except (ValueError, FileNotFoundError) as err:
             raise ConfigError(f"teacher.cache_dir: {err}") from err
         self.num_samples = self.manifest.num_samples
+        self.verifier = ChunkVerifier(self.cache_dir, self.manifest, self.arrays)
 
     def missing(self, views: list[int]) -> list[Any]:
         """The chunks of ``views`` (-1: the eval view) that are not marked complete."""
@@ -80,6 +83,7 @@ class CacheReader:
             )
         if view.size and view.max() >= k:
             raise IndexError(f"{self.cache_dir}: expected views < K = {k}, found {view.max()}")
+        self.verifier.check(name, index, view)  # a chunk's checksum, the first time it is read
         is_eval = view < 0
         if not is_eval.any():
             return self.arrays[name][view * n + index]

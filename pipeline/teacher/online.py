@@ -48,12 +48,12 @@ def build_teacher_model(
     spec: TeacherSpec, num_classes: int, load: bool = True
 ) -> tuple[nn.Module, dict]:
     """The teacher network with its weights (``load=False`` leaves it random, for dry runs)."""
-    from pipeline.models.weights import load_weights
+    from pipeline.models.weights import load_weights_for
 
     model = build_model(spec.arch, num_classes)
     info: dict = {}
-    if load and spec.weights:
-        info = load_weights(model, spec.weights)
+    if load and spec.weights:  # a file that does not fit teacher.arch: a ConfigError
+        info = load_weights_for(model, spec.weights, spec.arch, "teacher")
     return model, info
 
 

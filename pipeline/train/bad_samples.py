@@ -5,6 +5,11 @@ process only meets the files of its own shard. After each epoch (training and ev
 the processes gather what they found; the main process prints the new ones, logs the running
 count per split (``data/bad_samples/<split>``) and keeps the whole list in
 ``<run_dir>/bad_samples.json`` (split, index, path, error), rewritten atomically.
+
+Interrupts lose nothing: every checkpoint first gathers what the processes found so far in the
+epoch (``checkpoint_rows``) and stores the whole list in the checkpoint; a resumed run puts it
+back (``restore``) into the report and into each split's ``index.bad``, so the batches skipped
+by the resume are not missing from the final report, which equals an uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pipeline.data.index import DatasetIndex
+from pipeline.data.index import BadSample, DatasetIndex
 
 SHOWN = 5  # new samples printed by name each time; the rest are in the file
 
@@ -52,8 +57,29 @@ class BadSampleReport:
         tracker.log_metrics({f"data/bad_samples/{split}": float(len(known))}, step)
         self._write()
 
+    def rows(self) -> list[dict[str, Any]]:
+        """Every sample reported so far, by split and index."""
+        return [r for split in sorted(self.found) for _, r in sorted(self.found[split].items())]
+
+    def checkpoint_rows(self, split: str, index: DatasetIndex, acc: Any, tracker: Any,
+                        step: int) -> list[dict[str, Any]]:
+        """Gather the epoch's finds so far (a collective, like ``update``); the rows a checkpoint
+        stores."""
+        self.update(split, index, acc, tracker, step)
+        return self.rows()
+
+    def restore(self, rows: list[dict[str, Any]],
+                indices: list[tuple[str, DatasetIndex]]) -> None:
+        """Take back the rows of a checkpoint (and mark them in each (split, index))."""
+        for row in rows:
+            self.found.setdefault(row["split"], {})[int(row["index"])] = dict(row)
+        for split, index in indices:
+            known = self.found.get(split, {})
+            index.record_bad([BadSample(int(r["index"]), str(r["path"]), str(r["error"]))
+                              for _, r in sorted(known.items())])
+
     def _write(self) -> None:
-        rows = [r for split in sorted(self.found) for _, r in sorted(self.found[split].items())]
+        rows = self.rows()
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text(json.dumps(rows, indent=1))
         os.replace(tmp, self.path)

@@ -69,9 +69,9 @@ def build_parts(
 
     student = build_model(spec.model.arch, num_classes)
     if spec.model.weights:
-        from pipeline.models.weights import load_weights
+        from pipeline.models.weights import load_weights_for
 
-        load_weights(student, spec.model.weights)
+        load_weights_for(student, spec.model.weights, spec.model.arch, "model")
 
     cls = method_class(spec)
     opts = method_options(spec)

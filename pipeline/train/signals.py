@@ -41,6 +41,11 @@ class StopFlag:
         self._previous.clear()
         self._local = self.requested = False
 
+    @property
+    def signalled(self) -> bool:
+        """Whether this process was signalled (no agreement with the others: see ``check``)."""
+        return self._local
+
     def check(self) -> bool:
         """True on every process once any process was signalled."""
         flag = self._local

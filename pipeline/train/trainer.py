@@ -34,9 +34,11 @@ from pipeline.train.checkpoint import (
     set_rng_state,
 )
 from pipeline.train.distiller import Distiller
+from pipeline.train.empty_batch import report_empty_step, zero_loss
 from pipeline.train.optim import build_optimizer
 from pipeline.train.phases import EpochPhase, PhasePlan, phase_optimizer
 from pipeline.train.progress import Progress
+from pipeline.train.resume_guard import check_resume, record_config
 from pipeline.train.schedule import set_lr
 from pipeline.train.signals import STOP
 from pipeline.types import Batch
@@ -75,6 +77,7 @@ class Trainer:
     def __init__(self, spec: RunSpec, *, load_teacher: bool = True, config_text: str = "") -> None:
         self.spec = spec
         self.run_dir = run_dir_for(spec)
+        self.resume_plan = check_resume(spec, self.run_dir)  # before any data or weights
         set_seed(spec.seed)
         if spec.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -169,6 +172,9 @@ class Trainer:
     def save(self, epoch: int, step: int, updates: int) -> None:
         self.parts.method.sync_for_checkpoint()
         state = self._state(epoch, step, updates)
+        state["bad_samples"] = self.bad_report.checkpoint_rows(  # collective; restored on resume
+            self.spec.data.train_split, self.parts.train_index, self.acc, self.tracker,
+            epoch * self.steps_per_epoch + step)
         if self.acc.is_main_process:
             atomic_save(state, checkpoint_path(self.run_dir))
         self.acc.wait_for_everyone()
@@ -193,6 +199,9 @@ class Trainer:
             self._restore(ckpt)
             epoch, step, updates = ckpt["epoch"], ckpt["step"], ckpt["updates"]
             self.best, self.history = ckpt["best"], ckpt["history"]
+            self.bad_report.restore(ckpt.get("bad_samples", []),
+                                    [(spec.data.train_split, self.parts.train_index),
+                                     *self.parts.eval_indices.items()])
             acc.print(f"resuming {self.run_dir} at epoch {epoch + 1}, step {step}")
         metrics_file = self.run_dir / "metrics.json"
         total_epochs = self.phases.total_epochs
@@ -250,10 +259,10 @@ class Trainer:
             parent_run_id=spec.tracking.parent_run_id,
         )
         if self.acc.is_main_process:
-            (self.run_dir / "config.yaml").write_text(self.config_text)
+            position = (ckpt["epoch"], ckpt["step"]) if ckpt else (0, 0)
+            record_config(self.run_dir, self.resume_plan, position, self.tracker)
             info = {"mlflow_run_id": run_id, "name": spec.name, **tags}
             (self.run_dir / "run_info.json").write_text(json.dumps(info, indent=2))
-            self.tracker.log_artifact(self.run_dir / "config.yaml")
 
     def _train_epoch(self, epoch: int, start_step: int, updates: int) -> int:
         spec, acc = self.spec, self.acc
@@ -276,14 +285,12 @@ class Trainer:
         for raw in loader:
             if step >= total:
                 break
-            if len(raw) == 0:  # every sample of this batch was unreadable (counted by the loader)
-                if acc.num_processes > 1:
-                    raise RuntimeError(
-                        f"epoch {epoch + 1} step {step}: a whole batch was unreadable on process "
-                        f"{acc.process_index}; see the loader's bad-sample report"
-                    )
+            empty = len(raw) == 0  # every sample of it unreadable (counted by the loader)
+            if empty and acc.num_processes == 1:
                 step += 1
                 continue
+            if empty:  # the others run this step's collectives: take part (empty_batch.py)
+                report_empty_step(acc.process_index, epoch, step)
             batch = self._prepare(raw)
             lr = (set_lr(optimizer, spec.optim, at.local + step / total) if at.is_main
                   else at.phase.lr)
@@ -294,7 +301,7 @@ class Trainer:
                         teacher_out = self.teacher(raw, batch.images)
                 with acc.autocast():
                     losses = self.distiller(batch.images, teacher_out, batch)
-                    loss = sum(losses.values())
+                    loss = zero_loss(losses) if empty else sum(losses.values())
                 acc.backward(loss)
                 if acc.sync_gradients and spec.optim.clip_grad_norm > 0:
                     acc.clip_grad_norm_(self.distiller.parameters(), spec.optim.clip_grad_norm)
@@ -307,13 +314,14 @@ class Trainer:
                 updates += 1
             step += 1
             # Detached tensors are summed on the device; reading them (a sync) waits for log steps.
-            for k, v in losses.items():
-                sums[k] = sums[k] + v.detach() if k in sums else v.detach()
-            sums["loss"] = sums["loss"] + loss.detach() if "loss" in sums else loss.detach()
-            count += 1
+            if not empty:
+                for k, v in losses.items():
+                    sums[k] = sums[k] + v.detach() if k in sums else v.detach()
+                sums["loss"] = sums["loss"] + loss.detach() if "loss" in sums else loss.detach()
+                count += 1
             seen += len(batch) * acc.num_processes
             global_step = epoch * total + step
-            if step % spec.train.log_every_steps == 0 or step == total:
+            if count and (step % spec.train.log_every_steps == 0 or step == total):
                 rate = seen / (time.perf_counter() - t0)
                 means = {k: float(v) / count for k, v in sums.items()}
                 progress.update(means, rate)
