@@ -9,7 +9,7 @@ also counts its own (``local``): the main phase's LR schedule, evaluation and th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -35,13 +35,18 @@ class EpochPhase:
 
 
 class PhasePlan:
-    """The method's initial phases, in order, then ``main_epochs`` of the main phase."""
+    """The method's initial phases, in order, then ``main_epochs`` of the main phase; a phase
+    without its own LR (``Phase.lr`` None) gets ``default_lr``, the run's ``optim.lr``."""
 
-    def __init__(self, phases: tuple[Phase, ...], main_epochs: int) -> None:
+    def __init__(self, phases: tuple[Phase, ...], main_epochs: int,
+                 default_lr: float | None = None) -> None:
         names = [p.name for p in phases]
         if len(set(names)) != len(names):
             raise ValueError(f"phases: expected distinct names, found {names}")
-        self.phases = phases
+        if any(p.lr is None for p in phases) and default_lr is None:
+            raise ValueError(f"phases: {names} take the run's learning rate; pass default_lr")
+        self.phases = tuple(p if p.lr is not None else replace(p, lr=default_lr)
+                            for p in phases)
         self.main_epochs = main_epochs
         self.initial_epochs = sum(p.epochs for p in phases)
 

@@ -94,7 +94,8 @@ class Trainer:
         # student's classifier under CoSS, what an initial phase does not train) make DDP wait
         # for them unless it is told.
         method = self.parts.method
-        self.phases = PhasePlan(type(method).phases(method.opts), spec.optim.epochs)
+        self.phases = PhasePlan(type(method).phases(method.opts), spec.optim.epochs,
+                                spec.optim.lr)
         ddp.find_unused_parameters = (
             any(True for _ in method.parameters()) or not method.needs.uses_student_logits
             or bool(self.phases.phases)
