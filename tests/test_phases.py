@@ -28,3 +28,15 @@ def test_plan_refusals() -> None:
         Phase("main", 1)
     with pytest.raises(ValueError, match="expected epochs >= 1 and lr > 0"):
         Phase("a", 1, lr=0.0)
+
+
+def test_a_checkpoint_from_another_phase_plan_is_refused() -> None:
+    from pipeline.config.errors import ConfigError
+
+    plan = PhasePlan((Phase("init", 1),), 2, default_lr=0.05)
+    plan.check_resume(0, "init")
+    plan.check_resume(1, "main")
+    plan.check_resume(1, None)  # checkpoints of runs without phases say nothing
+    with pytest.raises(ConfigError, match="written in phase 'init' at run epoch 2, which this "
+                                          "run's plan .* puts in phase 'main'"):
+        plan.check_resume(1, "init")  # written with init_epochs 2, resumed with 1

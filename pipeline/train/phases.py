@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from pipeline.config.errors import ConfigError
 from pipeline.config.schema import OptimSpec
 from pipeline.distill.base import MAIN_PHASE, Method, Phase
 
@@ -62,6 +63,17 @@ class PhasePlan:
                 return EpochPhase(phase, epoch - start)
             start += phase.epochs
         return EpochPhase(None, epoch - start)
+
+    def check_resume(self, epoch: int, saved_phase: str | None) -> None:
+        """Refuse a checkpoint whose position belongs to another phase under this plan (the
+        run's phase epochs changed since it was written): its optimiser state is that
+        phase's, and loading it into another optimiser would be wrong or fail obscurely."""
+        expected = self.at(epoch).name
+        if saved_phase is not None and saved_phase != expected:
+            raise ConfigError(
+                f"checkpoint: written in phase {saved_phase!r} at run epoch {epoch + 1}, which "
+                f"this run's plan ({self.describe()}) puts in phase {expected!r}; resume with "
+                "the phase epochs it was written with, or start a new run directory")
 
     def describe(self) -> str:
         parts = [f"{p.name} {p.epochs} epoch(s) at lr {p.lr:g}" for p in self.phases]

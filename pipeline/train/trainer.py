@@ -175,6 +175,7 @@ class Trainer:
         self.acc.wait_for_everyone()
 
     def _restore(self, ckpt: dict) -> None:
+        self.phases.check_resume(ckpt["epoch"], ckpt.get("phase"))
         self.acc.unwrap_model(self.distiller).load_state_dict(ckpt["model"])
         self._optimizer_for(self.phases.at(ckpt["epoch"])).load_state_dict(ckpt["optimizer"])
         scaler = getattr(self.acc, "scaler", None)
