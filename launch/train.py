@@ -45,8 +45,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+PHASE_EPOCH_OPTIONS = ("init_epochs", "paraphraser_epochs")  # AB's and FT's initial phases
+
+
 def dry_run_spec(spec: RunSpec, run_dir: str) -> RunSpec:
-    """The same run on a few synthetic samples: 1 epoch, 2 steps of batch 2 per process."""
+    """The same run on a few synthetic samples: 1 epoch (and 1 per initial phase), 2 steps of
+    batch 2 per process."""
     d = spec.data
     d.dataset = "synthetic"
     d.backend = "torchvision"
@@ -69,6 +73,9 @@ def dry_run_spec(spec: RunSpec, run_dir: str) -> RunSpec:
     for o in [opts, *getattr(opts, "terms", {}).values()]:
         if getattr(o, "warmup_epochs", 0) > 0:
             o.warmup_epochs = 0
+        for key in PHASE_EPOCH_OPTIONS:  # initial phases: one epoch each, then the main one
+            if getattr(o, key, 0) > 1:
+                setattr(o, key, 1)
     from pipeline.data.coss_sampler import dry_run_sampler
 
     dry_run_sampler(d, run_dir)  # CoSS batches: random neighbour lists for the synthetic samples

@@ -36,23 +36,25 @@ class Phase:
     """A training phase before the main one.
 
     ``epochs`` of SGD (the run's momentum and weight decay) at the constant learning rate
-    ``lr`` over the method's ``phase_parameters``; ``uses_student``: False when the student
-    network is not run at all (FT's paraphraser learns from the teacher alone). Nothing is
-    evaluated during a phase; its metrics are logged under ``<name>/``.
+    ``lr`` over the method's ``phase_parameters``; ``lr=None`` means the run's ``optim.lr``
+    (RepDistiller's AB init stage uses the main LR, and ``phases(opts)`` does not see the
+    run's optimiser settings; the trainer's ``PhasePlan`` fills it in). ``uses_student``: False
+    when the student network is not run at all (FT's paraphraser learns from the teacher
+    alone). Nothing is evaluated during a phase; its metrics are logged under ``<name>/``.
     """
 
     name: str
     epochs: int
-    lr: float
+    lr: float | None = None
     uses_student: bool = True
 
     def __post_init__(self) -> None:
         if self.name == MAIN_PHASE or not self.name.isidentifier():
             raise ValueError(f"phase: expected a name other than {MAIN_PHASE!r}, found "
                              f"{self.name!r}")
-        if self.epochs < 1 or self.lr <= 0:
-            raise ValueError(f"phase {self.name}: expected epochs >= 1 and lr > 0, found "
-                             f"{self.epochs} and {self.lr}")
+        if self.epochs < 1 or (self.lr is not None and self.lr <= 0):
+            raise ValueError(f"phase {self.name}: expected epochs >= 1 and lr > 0 (or None: "
+                             f"the run's), found {self.epochs} and {self.lr}")
 
 
 @dataclass(frozen=True)

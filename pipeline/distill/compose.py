@@ -219,7 +219,9 @@ class Compose(Method):
             m.set_phase(name)
 
     def phase_parameters(self, phase: Phase, student: nn.Module) -> list[nn.Parameter]:
-        owners = [m for n, m in self._parts() if phase in type(m).phases(m.opts)]
+        # by name: the trainer's copy of the phase has its LR filled in (``PhasePlan``)
+        owners = [m for n, m in self._parts()
+                  if any(p.name == phase.name for p in type(m).phases(m.opts))]
         return owners[0].phase_parameters(phase, student)
 
     def eval_logits(self, student: ModelOutput) -> Tensor:

@@ -54,6 +54,23 @@ def pick_stages(maps: Sequence[Tensor] | None, feats: FeatureRequest) -> dict[in
     return {i: maps[i] for i in feats}
 
 
+def feature_parameters(net: nn.Module) -> list[nn.Parameter]:
+    """Every parameter of ``net`` except its classifier's (``net.classifier``, which every
+    ``Net`` has, timm networks included): the stem, the stages and anything between the last
+    stage and the head, in ``net.parameters()`` order.
+
+    These are what RepDistiller's ``get_feat_modules()`` lists for the AB init stage, with two
+    differences found generically: a module after the last stage (WRN's final BN, MobileNetV2's
+    1×1 ``conv2``) is included here; RepDistiller leaves those out.
+    """
+    head = getattr(net, "classifier", None)
+    if not isinstance(head, nn.Module):
+        raise ValueError(f"{type(net).__name__}: expected a `classifier` module (the final "
+                         "linear layer) to tell the feature parameters from the head, found none")
+    head_ids = {id(p) for p in head.parameters()}
+    return [p for p in net.parameters() if id(p) not in head_ids]
+
+
 def build_model(arch: str, num_classes: int) -> Net:
     """Build a network by name: a registered one (``resnet20``, ``wrn_40_2``, ``resnet18`` ...)
     or ``timm:<name>`` (``pipeline.models.timm_nets``)."""

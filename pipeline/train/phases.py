@@ -9,11 +9,12 @@ also counts its own (``local``): the main phase's LR schedule, evaluation and th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
+from pipeline.config.errors import ConfigError
 from pipeline.config.schema import OptimSpec
 from pipeline.distill.base import MAIN_PHASE, Method, Phase
 
@@ -35,13 +36,18 @@ class EpochPhase:
 
 
 class PhasePlan:
-    """The method's initial phases, in order, then ``main_epochs`` of the main phase."""
+    """The method's initial phases, in order, then ``main_epochs`` of the main phase; a phase
+    without its own LR (``Phase.lr`` None) gets ``default_lr``, the run's ``optim.lr``."""
 
-    def __init__(self, phases: tuple[Phase, ...], main_epochs: int) -> None:
+    def __init__(self, phases: tuple[Phase, ...], main_epochs: int,
+                 default_lr: float | None = None) -> None:
         names = [p.name for p in phases]
         if len(set(names)) != len(names):
             raise ValueError(f"phases: expected distinct names, found {names}")
-        self.phases = phases
+        if any(p.lr is None for p in phases) and default_lr is None:
+            raise ValueError(f"phases: {names} take the run's learning rate; pass default_lr")
+        self.phases = tuple(p if p.lr is not None else replace(p, lr=default_lr)
+                            for p in phases)
         self.main_epochs = main_epochs
         self.initial_epochs = sum(p.epochs for p in phases)
 
@@ -57,6 +63,17 @@ class PhasePlan:
                 return EpochPhase(phase, epoch - start)
             start += phase.epochs
         return EpochPhase(None, epoch - start)
+
+    def check_resume(self, epoch: int, saved_phase: str | None) -> None:
+        """Refuse a checkpoint whose position belongs to another phase under this plan (the
+        run's phase epochs changed since it was written): its optimiser state is that
+        phase's, and loading it into another optimiser would be wrong or fail obscurely."""
+        expected = self.at(epoch).name
+        if saved_phase is not None and saved_phase != expected:
+            raise ConfigError(
+                f"checkpoint: written in phase {saved_phase!r} at run epoch {epoch + 1}, which "
+                f"this run's plan ({self.describe()}) puts in phase {expected!r}; resume with "
+                "the phase epochs it was written with, or start a new run directory")
 
     def describe(self) -> str:
         parts = [f"{p.name} {p.epochs} epoch(s) at lr {p.lr:g}" for p in self.phases]

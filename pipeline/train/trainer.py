@@ -97,7 +97,8 @@ class Trainer:
         # student's classifier under CoSS, what an initial phase does not train) make DDP wait
         # for them unless it is told.
         method = self.parts.method
-        self.phases = PhasePlan(type(method).phases(method.opts), spec.optim.epochs)
+        self.phases = PhasePlan(type(method).phases(method.opts), spec.optim.epochs,
+                                spec.optim.lr)
         ddp.find_unused_parameters = (
             any(True for _ in method.parameters()) or not method.needs.uses_student_logits
             or bool(self.phases.phases)
@@ -180,6 +181,7 @@ class Trainer:
         self.acc.wait_for_everyone()
 
     def _restore(self, ckpt: dict) -> None:
+        self.phases.check_resume(ckpt["epoch"], ckpt.get("phase"))
         self.acc.unwrap_model(self.distiller).load_state_dict(ckpt["model"])
         self._optimizer_for(self.phases.at(ckpt["epoch"])).load_state_dict(ckpt["optimizer"])
         scaler = getattr(self.acc, "scaler", None)
