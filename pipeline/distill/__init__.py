@@ -1,6 +1,24 @@
 """Distillation methods. Importing this package registers every method in ``METHODS``."""
 
-from pipeline.distill import ab, cid, compose, coss, ft, ipwd, kd, nst, pkt, rkd, vanilla, wsld  # noqa: F401
+from pipeline.distill import (  # noqa: F401  (each import registers its methods)
+    ab,
+    at,
+    cc,
+    cid,
+    compose,
+    coss,
+    fitnet,
+    ft,
+    ipwd,
+    kd,
+    nst,
+    pkt,
+    rkd,
+    sp,
+    vanilla,
+    vid,
+    wsld,
+)
 from pipeline.distill.base import METHODS, Method, MethodContext
 
 __all__ = ["METHODS", "Method", "MethodContext"]
