@@ -48,10 +48,11 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.distill.base import MAIN_PHASE, METHODS, Method, MethodContext, Phase
-from pipeline.distill.feature_ops import ConvReg, paired_stages
+from pipeline.distill.feature_ops import ConvReg
 from pipeline.distill.losses import cross_entropy
-from pipeline.distill.options import check_stage_selection, check_weights
+from pipeline.distill.options import check_weights
 from pipeline.distill.requirements import Requirements
+from pipeline.distill.stage_maps import check_stage_selection, paired_stages
 from pipeline.models.base import feature_parameters
 from pipeline.types import Batch, ModelOutput, StageInfo, TeacherOutput
 
@@ -137,7 +138,9 @@ class AB(Method):
 
     def __init__(self, opts: ABOptions, ctx: MethodContext) -> None:
         super().__init__(opts, ctx)
-        self.student_indices, self.teacher_indices = paired_stages(ctx, opts.stages, "ab")
+        pairs = paired_stages(ctx, opts.stages, "ab")
+        self.student_indices = tuple(s.index for s, _ in pairs)
+        self.teacher_indices = tuple(t.index for _, t in pairs)
         self.connectors = nn.ModuleList(
             connector(ctx.student_stages[i], ctx.teacher_stages[j])
             for i, j in zip(self.student_indices, self.teacher_indices, strict=True))

@@ -12,22 +12,14 @@ whose form depends on the spatial ratio of the two maps, then BN(C_t) (and ReLU)
 - otherwise: an error (RepDistiller raises too).
 
 All convs have a bias; PyTorch's default initialisation (as in RepDistiller).
-
-``paired_stages`` resolves one stage selection on both networks for methods that compare the
-i-th selected student map with the i-th teacher map (NST, AB).
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.types import StageInfo
-
-if TYPE_CHECKING:
-    from pipeline.distill.base import MethodContext
 
 
 def match_spatial(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
@@ -63,16 +55,3 @@ class ConvReg(nn.Module):
         x = self.bn(self.conv(x))
         return F.relu(x) if self.relu else x
 
-
-def paired_stages(ctx: MethodContext, stages: tuple[int | str, ...], method: str
-                  ) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """The student's and the teacher's stage indices of one selection, equally many."""
-    s = tuple(m.index for m in ctx.student_maps(stages))
-    t = tuple(m.index for m in ctx.teacher_maps(stages))
-    if len(s) != len(t):
-        raise ValueError(
-            f"method {method}: stages {list(stages)} selects {len(s)} student stage map(s) "
-            f"{list(s)} but {len(t)} teacher stage map(s) {list(t)}; list stage indices that "
-            "pick equally many on both networks (the i-th student map is compared with the "
-            "i-th teacher map)")
-    return s, t

@@ -35,10 +35,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pipeline.distill.base import METHODS, Method, MethodContext
-from pipeline.distill.feature_ops import match_spatial, paired_stages
+from pipeline.distill.feature_ops import match_spatial
 from pipeline.distill.losses import cross_entropy
-from pipeline.distill.options import check_stage_selection, check_weights
+from pipeline.distill.options import check_weights
 from pipeline.distill.requirements import Requirements
+from pipeline.distill.stage_maps import check_stage_selection, paired_stages
 from pipeline.types import Batch, ModelOutput, TeacherOutput
 
 
@@ -95,7 +96,9 @@ class NST(Method):
 
     def __init__(self, opts: NSTOptions, ctx: MethodContext) -> None:
         super().__init__(opts, ctx)
-        self.student_indices, self.teacher_indices = paired_stages(ctx, opts.stages, "nst")
+        pairs = paired_stages(ctx, opts.stages, "nst")
+        self.student_indices = tuple(s.index for s, _ in pairs)
+        self.teacher_indices = tuple(t.index for _, t in pairs)
 
     def forward(  # type: ignore[override]
         self, student: ModelOutput, teacher: TeacherOutput | None, batch: Batch

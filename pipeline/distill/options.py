@@ -46,16 +46,3 @@ def check_interval(opts: Any, key: str, low: float, high: float, *, closed_high:
 def check_choice(opts: Any, key: str, choices: tuple[str, ...]) -> None:
     if getattr(opts, key) not in choices:
         raise ValueError(f"{key}: expected one of {choices}, found {getattr(opts, key)!r}")
-
-
-def check_stage_selection(selection: Any, key: str = "stages") -> None:
-    """A non-empty selection of stage maps: stage indices (negative count from the end) and
-    ``"all"`` (every stage after the stem); see ``pipeline.models.features.resolve_stages``."""
-    from pipeline.models.features import ALL_STAGES
-
-    items = list(selection) if isinstance(selection, list | tuple) else [selection]
-    bad = [s for s in items
-           if not (s == ALL_STAGES or (isinstance(s, int) and not isinstance(s, bool)))]
-    if not items or bad:
-        raise ValueError(f"{key}: expected a list of stage indices or {ALL_STAGES!r}, found "
-                         f"{selection!r}")
