@@ -1,6 +1,18 @@
 """Distillation methods. Importing this package registers every method in ``METHODS``."""
 
-from pipeline.distill import cid, compose, coss, dist, dkd, ipwd, kd, kd_la, vanilla, wsld  # noqa: F401
+from pipeline.distill import (  # noqa: F401  (each import registers its methods)
+    cid,
+    compose,
+    coss,
+    dist,
+    dkd,
+    ipwd,
+    kd,
+    kd_la,
+    pskd,
+    vanilla,
+    wsld,
+)
 from pipeline.distill.base import METHODS, Method, MethodContext
 
 __all__ = ["METHODS", "Method", "MethodContext"]
