@@ -10,6 +10,7 @@ from pipeline.distill import (  # noqa: F401  (each import registers its methods
     kd,
     kd_la,
     pskd,
+    srrl,
     vanilla,
     wsld,
 )
