@@ -4,6 +4,7 @@ from pipeline.distill import (  # noqa: F401  (each import registers its methods
     cid,
     compose,
     coss,
+    cskd,
     dist,
     dkd,
     ipwd,
