@@ -10,6 +10,7 @@ from pipeline.distill import (  # noqa: F401  (each import registers its methods
     ipwd,
     kd,
     kd_la,
+    ofd,
     pskd,
     srrl,
     vanilla,
