@@ -104,7 +104,9 @@ class SRRL(Method):
         if ctx.teacher_dim is not None and fc.in_features != ctx.teacher_dim:
             raise ValueError(f"method srrl: the teacher's classifier takes {fc.in_features} "
                              f"features, its embedding has {ctx.teacher_dim}")
-        c_in = ctx.student_maps((-1,))[0].channels if opts.layout == "map" else ctx.student_dim
+        last = ctx.student_maps((-1,))[0]
+        self.s_index = last.index
+        c_in = last.channels if opts.layout == "map" else ctx.student_dim
         self.connector = srrl_connector(c_in, fc.in_features)
         self.teacher_classifier = fc  # frozen: requires_grad False, so never optimised
 
@@ -113,7 +115,7 @@ class SRRL(Method):
         if self.opts.layout == "map":
             if not student.feats:
                 raise ValueError("method srrl: expected the student's last stage map, found none")
-            f_s = student.feats[len(self.ctx.student_stages) - 1]
+            f_s = student.feats[self.s_index]
         else:
             f_s = student.embedding[:, :, None, None]
         return F.adaptive_avg_pool2d(self.connector(f_s), 1).flatten(1)
