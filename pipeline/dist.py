@@ -33,3 +33,23 @@ def all_gather_cat(t: Tensor) -> Tensor:
     parts = [torch.empty_like(t) for _ in range(world_size())]
     dist.all_gather(parts, t.contiguous())
     return torch.cat(parts, dim=0)
+
+
+def all_gather_rows(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """Concatenate each tensor's rows from all processes, in rank order, when the processes hold
+    different numbers of rows (the same count across the ``tensors`` of one process; trailing
+    dimensions equal everywhere). One collective for the lengths, one per tensor."""
+    if not is_distributed():
+        return tensors
+    n = tensors[0].shape[0]
+    if any(t.shape[0] != n for t in tensors):
+        raise ValueError(f"all_gather_rows: expected tensors with the same number of rows, found "
+                         f"{[tuple(t.shape) for t in tensors]}")
+    lengths = all_gather_cat(torch.tensor([n], dtype=torch.long, device=tensors[0].device))
+    rows = int(lengths.max())
+    real = (torch.arange(rows, device=lengths.device).view(1, -1) < lengths.view(-1, 1)).flatten()
+    out = []
+    for t in tensors:
+        padded = torch.cat([t, t.new_zeros((rows - n, *t.shape[1:]))]) if rows > n else t
+        out.append(all_gather_cat(padded)[real.to(t.device)])
+    return tuple(out)

@@ -65,7 +65,10 @@ class MethodContext:
     run's input size (``Net.stage_info``; empty for a run without a teacher); ``student_maps``
     and ``teacher_maps`` pick those of a selection. ``train_labels`` (int64, one per training
     sample, in index order) and ``num_train_samples`` are for methods that keep per-sample or
-    per-class state (CRD's memory banks, class priors).
+    per-class state (CRD's memory banks, class priors). ``teacher_parts`` holds what
+    ``Requirements.teacher_modules`` asked for (``pipeline.teacher.parts.TeacherParts``: a
+    frozen copy of the teacher's classifier, its BN statistics before stage ReLUs), built from
+    the teacher's weights for an online and a cached teacher alike; None when nothing was asked.
     """
 
     num_classes: int
@@ -78,6 +81,7 @@ class MethodContext:
     num_train_samples: int = 0
     train_labels: Any = None  # torch.Tensor (num_train_samples,) int64, or None
     image_size: int = 0
+    teacher_parts: Any = None  # pipeline.teacher.parts.TeacherParts, or None
 
     def student_maps(self, selection: tuple[int | str, ...]) -> tuple[StageInfo, ...]:
         picked = resolve_stages(selection, len(self.student_stages), "student stage maps")

@@ -8,6 +8,11 @@ Stage maps are selected with ints (stage indices of ``Net.stage_info``: 0 is the
 counts from the end) and ``"all"`` (every stage after the stem); ``resolve`` turns a selection
 into indices once the networks' stage lists are known. One ``preact`` flag says whether every
 stage map the method reads, the student's and the teacher's, is taken before the activation.
+
+``teacher_modules`` names parts of the teacher's *weights* a method uses besides its outputs
+(``pipeline.teacher.parts``): SRRL's frozen teacher classifier, OFD's BN statistics before each
+selected stage's final ReLU. They are taken from the teacher network when the run is built, for an
+online and a cached teacher alike, and reach the method as ``MethodContext.teacher_parts``.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from dataclasses import dataclass, replace
 from pipeline.models.features import ALL_STAGES, resolve_stages
 
 OUTPUT_FIELDS = ("logits", "embedding")  # teacher outputs besides stage maps
+TEACHER_MODULES = ("classifier", "preact_bn")  # parts of the teacher's weights (module docstring)
 
 
 @dataclass(frozen=True)
@@ -29,7 +35,10 @@ class Requirements:
     - ``teacher_stages`` / ``student_stages``: stage-map selections (module docstring);
     - ``preact``: stage maps before the activation (AB, OFD) instead of after it;
     - ``uses_student_logits``: False when no loss reaches the student's classifier (CoSS),
-      so DDP must expect parameters without a gradient.
+      so DDP must expect parameters without a gradient;
+    - ``teacher_modules``: parts of the teacher's weights (``TEACHER_MODULES``): ``classifier``
+      (a frozen copy of its last linear layer), ``preact_bn`` (the BN statistics before the final
+      ReLU of each selected teacher stage).
     """
 
     needs_teacher: bool = True
@@ -38,8 +47,13 @@ class Requirements:
     student_stages: tuple[int | str, ...] = ()
     preact: bool = False
     uses_student_logits: bool = True
+    teacher_modules: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        unknown_modules = [m for m in self.teacher_modules if m not in TEACHER_MODULES]
+        if unknown_modules:
+            raise ValueError(f"requirements: teacher_modules: expected some of {TEACHER_MODULES}, "
+                             f"found {unknown_modules}")
         unknown = [f for f in self.teacher_fields if f not in OUTPUT_FIELDS]
         if unknown:
             raise ValueError(
@@ -69,7 +83,8 @@ class Requirements:
         return resolve_stages(self.student_stages, num_stages, "student stage maps")
 
     def without_teacher(self) -> Requirements:
-        return replace(self, needs_teacher=False, teacher_fields=(), teacher_stages=())
+        return replace(self, needs_teacher=False, teacher_fields=(), teacher_stages=(),
+                       teacher_modules=())
 
 
 def merge(parts: Iterable[tuple[str, Requirements]]) -> Requirements:
@@ -96,4 +111,6 @@ def merge(parts: Iterable[tuple[str, Requirements]]) -> Requirements:
         student_stages=union(r.student_stages for _, r in parts),
         preact=flavours.pop() if flavours else False,
         uses_student_logits=any(r.uses_student_logits for _, r in parts),
+        teacher_modules=tuple(
+            m for m in TEACHER_MODULES if any(m in r.teacher_modules for _, r in parts)),
     )

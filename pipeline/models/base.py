@@ -6,7 +6,8 @@ those), post-activation, or pre-activation when ``preact`` is true, as ``{stage 
 Stage 0 is the stem, then one entry per stage (each network file says which tensors).
 ``embedding_dim`` is the size of the embedding; ``native_size`` the input resolution the network
 was designed for; ``stage_info(size)`` describes every stage map at an input size before
-training (``pipeline.models.features``).
+training (``pipeline.models.features``); ``preact_bn(index)`` the BatchNorm right before stage
+``index``'s final ReLU (OFD's margin comes from its statistics), None where the stage has none.
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ class Net(nn.Module):
         from pipeline.models.features import probe_feature_info
 
         return probe_feature_info(self, image_size or self.native_size)
+
+    def preact_bn(self, index: int) -> nn.BatchNorm2d | None:
+        """The BN whose output (plus a shortcut, in residual blocks) the ReLU ending stage
+        ``index`` receives; None where there is none (the default, and always for the stem)."""
+        return None
 
 
 def pick_stages(maps: Sequence[Tensor] | None, feats: FeatureRequest) -> dict[int, Tensor] | None:

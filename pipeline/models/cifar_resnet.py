@@ -88,6 +88,13 @@ class CifarResNet(Net):
         """The final linear layer (stored as ``fc``, RepDistiller's name; replace ``fc``)."""
         return self.fc
 
+    def preact_bn(self, index: int) -> nn.BatchNorm2d | None:
+        """Stage 1-3: the last block's ``bn2`` (its output plus the shortcut is the pre-ReLU
+        map; OFD's ``get_bn_before_relu``)."""
+        if index not in (1, 2, 3):
+            return None
+        return getattr(self, f"layer{index}")[-1].bn2
+
     def forward(
         self, x: Tensor, feats: FeatureRequest = False, preact: bool = False
     ) -> ModelOutput:

@@ -85,6 +85,12 @@ class CifarBottleneckResNet(Net):
         """The final linear layer (stored as ``linear``, RepDistiller's name; replace that)."""
         return self.linear
 
+    def preact_bn(self, index: int) -> nn.BatchNorm2d | None:
+        """Stage 1-4: the last block's ``bn3`` (plus the shortcut: the pre-ReLU map)."""
+        if index not in (1, 2, 3, 4):
+            return None
+        return getattr(self, f"layer{index}")[-1].bn3
+
     def forward(
         self, x: Tensor, feats: FeatureRequest = False, preact: bool = False
     ) -> ModelOutput:

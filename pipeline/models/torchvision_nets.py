@@ -71,6 +71,14 @@ class TorchvisionResNet(Net):
         """The final linear layer (stored as ``fc``, torchvision's name; replace ``fc``)."""
         return self.fc
 
+    def preact_bn(self, index: int) -> nn.BatchNorm2d | None:
+        """Stage 1-4: the last block's ``bn2`` (BasicBlock) or ``bn3`` (Bottleneck), as OFD's
+        ImageNet ``get_bn_before_relu``."""
+        if index not in (1, 2, 3, 4):
+            return None
+        last = getattr(self, f"layer{index}")[-1]
+        return last.bn3 if isinstance(last, Bottleneck) else last.bn2
+
     def forward(
         self, x: Tensor, feats: FeatureRequest = False, preact: bool = False
     ) -> ModelOutput:

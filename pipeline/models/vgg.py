@@ -61,6 +61,12 @@ class CifarVGG(Net):
         self.embedding_dim = cin
         he_init(self, linear_std=0.01)
 
+    def preact_bn(self, index: int) -> nn.BatchNorm2d | None:
+        """Groups 1-4: the group's last BN, whose output is the pre-ReLU stage map."""
+        if index not in (1, 2, 3, 4):
+            return None
+        return getattr(self, f"block{index}")[-1]
+
     def forward(
         self, x: Tensor, feats: FeatureRequest = False, preact: bool = False
     ) -> ModelOutput:

@@ -125,6 +125,12 @@ class WideResNet(Net):
         """The final linear layer (stored as ``fc``, RepDistiller's name; replace ``fc``)."""
         return self.fc
 
+    def preact_bn(self, index: int) -> nn.BatchNorm2d | None:
+        """The BN that makes stage ``index``'s pre-ReLU map (module docstring): the next stage's
+        first ``bn1`` for stages 1-2, the final ``bn1`` for stage 3 (OFD's
+        ``get_bn_before_relu``). Its output is exactly that map."""
+        return {1: self.block2.layer[0].bn1, 2: self.block3.layer[0].bn1, 3: self.bn1}.get(index)
+
     def forward(
         self, x: Tensor, feats: FeatureRequest = False, preact: bool = False
     ) -> ModelOutput:

@@ -127,6 +127,7 @@ class CachedTeacher:
         self.device = torch.device("cpu")
         self.stages: tuple[int, ...] = tuple(m.stages)
         self.stage_info: tuple = ()  # the teacher's StageInfo, set by the run's build step
+        self.parts = None  # pipeline.teacher.parts.TeacherParts, set by the build step
 
     @property
     def embedding_dim(self) -> int:

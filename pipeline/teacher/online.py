@@ -25,6 +25,7 @@ class OnlineTeacher:
         self.stages = tuple(stages)
         self.preact = preact
         self.stage_info: tuple[StageInfo, ...] = ()
+        self.parts = None  # pipeline.teacher.parts.TeacherParts, set by the run's build step
 
     @property
     def embedding_dim(self) -> int:

@@ -77,13 +77,14 @@ def build_parts(
     opts = method_options(spec)
     needs = cls.requirements(opts)
     size = spec.data.image_size
-    teacher, teacher_info, teacher_dim, teacher_stages = None, {}, None, ()
+    teacher, teacher_info, teacher_dim, teacher_stages, teacher_parts = None, {}, None, (), None
     if spec.teacher is not None and spec.teacher.arch and needs.needs_teacher:
         epochs = spec.optim.epochs + sum(p.epochs for p in cls.phases(opts))
         teacher, teacher_info = build_teacher_source(
             spec, needs, num_classes, load_teacher, train_index, epochs
         )
         teacher_dim, teacher_stages = teacher.embedding_dim, teacher.stage_info
+        teacher_parts = teacher.parts
 
     ctx = MethodContext(
         num_classes=num_classes,
@@ -96,6 +97,7 @@ def build_parts(
         num_train_samples=len(train_index),
         train_labels=torch.from_numpy(train_index.labels),
         image_size=size,
+        teacher_parts=teacher_parts,
     )
     method = cls(opts, ctx)
     return RunParts(train_index, eval_indices, num_classes, student, teacher, teacher_info, method)
@@ -116,24 +118,32 @@ def build_teacher_source(
     """The online teacher (the network) or, with ``teacher.source: cached``, the cache reader.
 
     Either way the source knows the teacher's ``stage_info`` (from a probe of the network, built
-    without weights for a cache) and serves just the stages ``needs`` selects.
+    without weights for a cache) and serves just the stages ``needs`` selects, and its ``parts``
+    hold the ``needs.teacher_modules`` taken from the teacher's weights (for a cache, the network
+    is then built with its weights too; the cache itself never stores them).
     """
+    from pipeline.teacher.parts import extract_teacher_parts
+
     assert spec.teacher is not None
     size = spec.data.image_size
     if spec.teacher.source == "cached":
         from pipeline.teacher.cached import open_cached_teacher
 
-        stages = teacher_network(spec, num_classes, load=False)[0].stage_info(size)
+        net = teacher_network(spec, num_classes, load=load and bool(needs.teacher_modules))[0]
+        stages = net.stage_info(size)
+        selected = needs.resolve_teacher(len(stages))
         cached = open_cached_teacher(
             spec, needs.teacher_outputs, num_classes, index=index, preact=needs.preact,
-            stages=needs.resolve_teacher(len(stages)), epochs=epochs)
+            stages=selected, epochs=epochs)
         cached.stage_info = stages
+        cached.parts = extract_teacher_parts(net, needs.teacher_modules, selected)
         return cached, {}
     from pipeline.teacher.online import OnlineTeacher
 
     model, info = teacher_network(spec, num_classes, load)
     stage_info = model.stage_info(size)
-    teacher = OnlineTeacher(model, needs.teacher_fields,
-                            stages=needs.resolve_teacher(len(stage_info)), preact=needs.preact)
+    selected = needs.resolve_teacher(len(stage_info))
+    teacher = OnlineTeacher(model, needs.teacher_fields, stages=selected, preact=needs.preact)
     teacher.stage_info = stage_info
+    teacher.parts = extract_teacher_parts(model, needs.teacher_modules, selected)
     return teacher, info
