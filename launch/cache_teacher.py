@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             spec,
             fields,
             stages=needs.teacher_stages,
-            preact=needs.preact,
+            preact=needs.teacher_preact,
             process_index=state.process_index,
             num_processes=state.num_processes,
             device=state.device,

@@ -125,7 +125,7 @@ def build_teacher_source(
 
         stages = teacher_network(spec, num_classes, load=False)[0].stage_info(size)
         cached = open_cached_teacher(
-            spec, needs.teacher_outputs, num_classes, index=index, preact=needs.preact,
+            spec, needs.teacher_outputs, num_classes, index=index, preact=needs.teacher_preact,
             stages=needs.resolve_teacher(len(stages)), epochs=epochs)
         cached.stage_info = stages
         return cached, {}
@@ -134,6 +134,7 @@ def build_teacher_source(
     model, info = teacher_network(spec, num_classes, load)
     stage_info = model.stage_info(size)
     teacher = OnlineTeacher(model, needs.teacher_fields,
-                            stages=needs.resolve_teacher(len(stage_info)), preact=needs.preact)
+                            stages=needs.resolve_teacher(len(stage_info)),
+                            preact=needs.teacher_preact)
     teacher.stage_info = stage_info
     return teacher, info
