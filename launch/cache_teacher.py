@@ -82,6 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     state = PartialState(cpu=spec.train.cpu or not torch.cuda.is_available())
     try:
         needs = method_class(spec).requirements(method_options(spec))
+        if needs.teacher_batch_stats:
+            raise ConfigError(
+                f"{args.cfg}: method {spec.method['name']!r} runs the teacher's BatchNorm on each "
+                "batch's statistics, which depend on the batch and cannot be cached (for reviewkd "
+                "set method.teacher_bn: eval)")
         fields = cache_fields(spec, needs.teacher_outputs)
         report = write_cache(
             spec,

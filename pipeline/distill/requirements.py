@@ -31,6 +31,10 @@ class Requirements:
     - ``preact``: both networks' stage maps before the activation (AB, OFD) instead of after
       it; ``student_preact`` / ``teacher_preact`` set one side (None: as ``preact``). After
       construction both are bools and ``preact`` is True exactly when both are;
+    - ``teacher_batch_stats``: the teacher's BatchNorm layers normalise with each batch's own
+      statistics (train-mode BN, running estimates untouched) instead of their running
+      estimates: the official ReviewKD CIFAR code never puts its teacher in eval mode. Such
+      outputs depend on the batch, so only the online teacher serves them;
     - ``uses_student_logits``: False when no loss reaches the student's classifier (CoSS),
       so DDP must expect parameters without a gradient.
     """
@@ -43,6 +47,7 @@ class Requirements:
     uses_student_logits: bool = True
     student_preact: bool | None = None
     teacher_preact: bool | None = None
+    teacher_batch_stats: bool = False
 
     def __post_init__(self) -> None:
         student = self.preact if self.student_preact is None else bool(self.student_preact)
@@ -96,7 +101,9 @@ def _agreed_preact(parts: list[tuple[str, Requirements]], side: str) -> bool | N
 
 def merge(parts: Iterable[tuple[str, Requirements]]) -> Requirements:
     """The union of named requirements. The terms that read one network's stage maps must agree
-    on that network's preact; a side no term reads follows the other (else post-activation)."""
+    on that network's preact; a side no term reads follows the other (else post-activation).
+    One term asking for ``teacher_batch_stats`` makes the one teacher forward of a step use them
+    for every term (as in the official ReviewKD code, whose optional KL reads the same pass)."""
     parts = list(parts)
     student = _agreed_preact(parts, "student")
     teacher = _agreed_preact(parts, "teacher")
@@ -118,4 +125,5 @@ def merge(parts: Iterable[tuple[str, Requirements]]) -> Requirements:
         uses_student_logits=any(r.uses_student_logits for _, r in parts),
         student_preact=bool(student),
         teacher_preact=bool(teacher),
+        teacher_batch_stats=any(r.teacher_batch_stats for _, r in parts),
     )

@@ -135,6 +135,6 @@ def build_teacher_source(
     stage_info = model.stage_info(size)
     teacher = OnlineTeacher(model, needs.teacher_fields,
                             stages=needs.resolve_teacher(len(stage_info)),
-                            preact=needs.teacher_preact)
+                            preact=needs.teacher_preact, batch_stats=needs.teacher_batch_stats)
     teacher.stage_info = stage_info
     return teacher, info
