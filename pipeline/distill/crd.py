@@ -23,7 +23,7 @@ Where this differs from the reference code (and why):
   seeded by (``seed``, step), drawn for the global batch, not from the data loader's workers,
   so a resumed run and a run on more processes draw the same ones (``crd_memory``).
 - K is capped at ``k_cap_fraction`` (default 1/3) of the smallest other-class pool N − n_max:
-  no effect on CIFAR-100 (16384 ≤ 16500) or ImageNet; on the 4,000-sample demo data K = 1183
+  no effect on CIFAR-100 (16384 ≤ 16500) or ImageNet; on the 4,000-sample demo data K = 1194
   instead of drawing more negatives than there are samples.
 - Several processes: the banks stay identical on every process (all-gathered updates) and Z
   is computed from the global first batch; RepDistiller runs one process.
@@ -162,7 +162,7 @@ class CRD(Method):
             n = self.memory.num_samples
             loss = nce_loss(out_s, n) + nce_loss(out_t, n)
             if self.training:
-                self.memory.update(batch.index, e_s, e_t)
+                self.memory.update(e_s, e_t)
         terms = {"crd": self.opts.beta * loss}
         if self.opts.ce_weight > 0:
             terms["ce"] = self.opts.ce_weight * cross_entropy(student.logits, batch.labels)

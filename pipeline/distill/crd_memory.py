@@ -169,13 +169,16 @@ class ContrastMemory(nn.Module):
         self.z_ready = True
 
     @torch.no_grad()
-    def update(self, index: Tensor, e_s: Tensor, e_t: Tensor) -> None:
-        """Momentum update of both banks with every process's rows (module docstring, step 4).
-        ``index`` must be the samples of this step's ``contrast_indices`` call."""
+    def update(self, e_s: Tensor, e_t: Tensor) -> None:
+        """Momentum update of both banks with every process's rows (module docstring, step 4):
+        the embeddings of the samples of this step's ``contrast_indices`` call."""
         if self.gathered is None:
             raise RuntimeError("crd: update() before contrast_indices() in this step")
         idx, _, lengths = self.gathered
         self.gathered = None
+        if e_s.shape[0] != lengths[rank()] or e_t.shape[0] != e_s.shape[0]:
+            raise ValueError(f"crd: update() expected the {lengths[rank()]} rows of this step's "
+                             f"samples, found {e_s.shape[0]} and {e_t.shape[0]}")
         dim = e_s.shape[1]
         rows, _, _ = gather_rows(torch.cat([e_s, e_t], dim=1).detach().float(), lengths)
         keep = last_occurrences(idx)
