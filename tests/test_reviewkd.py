@@ -137,11 +137,19 @@ def test_requirements_per_recipe_and_flavours() -> None:
         ReviewKDOptions(teacher_bn="train")  # type: ignore[arg-type]
 
 
-def test_the_config_refuses_a_cache_for_a_batch_statistics_teacher() -> None:
+def test_a_batch_statistics_teacher_is_never_cached(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from launch.cache_teacher import main
+
     cfg = ROOT / "configs/demo/reviewkd.yaml"
     with pytest.raises(ConfigError, match="teacher.source: expected 'online'"):
         load_run_config(cfg, ["method.teacher_bn=batch", "teacher.source=cached",
                               "teacher.cache_dir=somewhere"], check_paths=False)
+    args = ["method.teacher_bn=batch", "data.dataset=synthetic", "teacher.weights=null",
+            f"teacher.cache_dir={tmp_path / 'cache'}"]
+    assert main(["--cfg", str(cfg), *[x for a in args for x in ("--set", a)]]) == 2
+    assert "cannot be cached" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()
 
 
 def test_cached_teacher_gives_the_online_first_step_losses(tmp_path: Path) -> None:
