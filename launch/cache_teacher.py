@@ -131,12 +131,17 @@ def write(spec: RunSpec, repair: bool) -> int:
         verify(str(cache_dir))
     try:
         needs = method_class(spec).requirements(method_options(spec))
+        if needs.teacher_batch_stats:
+            raise ConfigError(
+                f"method.name: method {spec.method['name']!r} runs the teacher's BatchNorm on each "
+                "batch's statistics, which depend on the batch and cannot be cached (for reviewkd "
+                "set method.teacher_bn: eval)")
         fields = cache_fields(spec, needs.teacher_outputs)
         report = write_cache(
             spec,
             fields,
             stages=needs.teacher_stages,
-            preact=needs.preact,
+            preact=needs.teacher_preact,
             process_index=state.process_index,
             num_processes=state.num_processes,
             device=state.device,

@@ -66,6 +66,11 @@ def check_values(spec: RunSpec, method_cls: Any, root: str) -> None:
     if teacher is not None and teacher.source == "cached" and data.ffcv_random_crop:
         fail("data.ffcv_random_crop", "expected false when teacher.source is 'cached': FFCV's own "
              "random crops are not the plan's views that the cache describes", root)
+    batch_stats = getattr(_requirements(method_cls, options), "teacher_batch_stats", False)
+    if teacher is not None and teacher.source == "cached" and batch_stats:
+        fail("teacher.source", f"expected 'online': method {spec.method['name']!r} runs the "
+             "teacher's BatchNorm on each batch's statistics, which a cache cannot replay (for "
+             "reviewkd set method.teacher_bn: eval to read a cache)", root)
 
 
 def _requirements(method_cls: Any, options: Any) -> Any:

@@ -6,8 +6,9 @@ Composite methods merge their terms' requirements with ``merge``.
 
 Stage maps are selected with ints (stage indices of ``Net.stage_info``: 0 is the stem, negative
 counts from the end) and ``"all"`` (every stage after the stem); ``resolve`` turns a selection
-into indices once the networks' stage lists are known. One ``preact`` flag says whether every
-stage map the method reads, the student's and the teacher's, is taken before the activation.
+into indices once the networks' stage lists are known. ``student_preact`` / ``teacher_preact``
+say whether each network's stage maps are taken before the activation; ``preact`` sets both
+(ReviewKD's CIFAR form reads the student's maps after and the teacher's before the ReLU).
 
 ``teacher_modules`` names parts of the teacher's *weights* a method uses besides its outputs
 (``pipeline.teacher.parts``): SRRL's frozen teacher classifier, OFD's BN statistics before each
@@ -33,7 +34,13 @@ class Requirements:
     - ``needs_teacher``: False for methods that train without one (vanilla, PS-KD);
     - ``teacher_fields``: teacher outputs besides stage maps (``logits``, ``embedding``);
     - ``teacher_stages`` / ``student_stages``: stage-map selections (module docstring);
-    - ``preact``: stage maps before the activation (AB, OFD) instead of after it;
+    - ``preact``: both networks' stage maps before the activation (AB, OFD) instead of after
+      it; ``student_preact`` / ``teacher_preact`` set one side (None: as ``preact``). After
+      construction both are bools and ``preact`` is True exactly when both are;
+    - ``teacher_batch_stats``: the teacher's BatchNorm layers normalise with each batch's own
+      statistics (train-mode BN, running estimates untouched) instead of their running
+      estimates: the official ReviewKD CIFAR code never puts its teacher in eval mode. Such
+      outputs depend on the batch, so only the online teacher serves them;
     - ``uses_student_logits``: False when no loss reaches the student's classifier (CoSS),
       so DDP must expect parameters without a gradient;
     - ``teacher_modules``: parts of the teacher's weights (``TEACHER_MODULES``): ``classifier``
@@ -48,8 +55,16 @@ class Requirements:
     preact: bool = False
     uses_student_logits: bool = True
     teacher_modules: tuple[str, ...] = ()
+    student_preact: bool | None = None
+    teacher_preact: bool | None = None
+    teacher_batch_stats: bool = False
 
     def __post_init__(self) -> None:
+        student = self.preact if self.student_preact is None else bool(self.student_preact)
+        teacher = self.preact if self.teacher_preact is None else bool(self.teacher_preact)
+        object.__setattr__(self, "student_preact", student)
+        object.__setattr__(self, "teacher_preact", teacher)
+        object.__setattr__(self, "preact", student and teacher)
         unknown_modules = [m for m in self.teacher_modules if m not in TEACHER_MODULES]
         if unknown_modules:
             raise ValueError(f"requirements: teacher_modules: expected some of {TEACHER_MODULES}, "
@@ -87,15 +102,28 @@ class Requirements:
                        teacher_modules=())
 
 
-def merge(parts: Iterable[tuple[str, Requirements]]) -> Requirements:
-    """The union of named requirements; terms reading stage maps must agree on ``preact``."""
-    parts = list(parts)
-    with_maps = [(n, r) for n, r in parts if r.reads_stage_maps]
-    flavours = {r.preact for _, r in with_maps}
+def _agreed_preact(parts: list[tuple[str, Requirements]], side: str) -> bool | None:
+    """The ``<side>_preact`` of the terms that read ``side``'s stage maps (None: no such term);
+    ValueError when they disagree."""
+    readers = [(n, r) for n, r in parts if getattr(r, f"{side}_stages")]
+    flavours = {getattr(r, f"{side}_preact") for _, r in readers}
     if len(flavours) > 1:
         raise ValueError(
-            "method.terms: the terms that read stage maps disagree on preact (pre- vs "
-            f"post-activation): {[n for n, _ in with_maps]}")
+            f"method.terms: the terms that read {side} stage maps disagree on preact (pre- vs "
+            f"post-activation): {[n for n, _ in readers]}")
+    return flavours.pop() if flavours else None
+
+
+def merge(parts: Iterable[tuple[str, Requirements]]) -> Requirements:
+    """The union of named requirements. The terms that read one network's stage maps must agree
+    on that network's preact; a side no term reads follows the other (else post-activation).
+    One term asking for ``teacher_batch_stats`` makes the one teacher forward of a step use them
+    for every term (as in the official ReviewKD code, whose optional KL reads the same pass)."""
+    parts = list(parts)
+    student = _agreed_preact(parts, "student")
+    teacher = _agreed_preact(parts, "teacher")
+    student = teacher if student is None else student
+    teacher = student if teacher is None else teacher
 
     def union(items: Iterable[tuple]) -> tuple:
         out: list = []
@@ -109,8 +137,10 @@ def merge(parts: Iterable[tuple[str, Requirements]]) -> Requirements:
             f for f in OUTPUT_FIELDS if any(f in r.teacher_fields for _, r in parts)),
         teacher_stages=union(r.teacher_stages for _, r in parts),
         student_stages=union(r.student_stages for _, r in parts),
-        preact=flavours.pop() if flavours else False,
         uses_student_logits=any(r.uses_student_logits for _, r in parts),
         teacher_modules=tuple(
             m for m in TEACHER_MODULES if any(m in r.teacher_modules for _, r in parts)),
+        student_preact=bool(student),
+        teacher_preact=bool(teacher),
+        teacher_batch_stats=any(r.teacher_batch_stats for _, r in parts),
     )

@@ -1,4 +1,5 @@
-"""The online teacher source: the frozen network, run in eval mode under no_grad."""
+"""The online teacher source: the frozen network, run in eval mode under no_grad (optionally
+with its BatchNorm layers on batch statistics, ``batch_stats``)."""
 
 from __future__ import annotations
 
@@ -14,16 +15,23 @@ from pipeline.types import Batch, StageInfo, TeacherOutput
 
 class OnlineTeacher:
     """Runs the teacher on each batch and returns what the method asked for: the outputs in
-    ``fields`` (``logits``, ``embedding``) and the stage maps ``stages`` (stage indices)."""
+    ``fields`` (``logits``, ``embedding``) and the stage maps ``stages`` (stage indices).
+
+    ``batch_stats``: BatchNorm layers normalise with the statistics of each batch, as a teacher
+    left in train mode does (``Requirements.teacher_batch_stats``), without updating their
+    running estimates (``track_running_stats`` off), so the checkpoint's buffers never change.
+    """
 
     def __init__(self, model: Net, fields: tuple[str, ...], stages: tuple[int, ...] = (),
-                 preact: bool = False) -> None:
+                 preact: bool = False, batch_stats: bool = False) -> None:
         self.model = model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.fields = fields
         self.stages = tuple(stages)
         self.preact = preact
+        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self.batch_norms = norms if batch_stats else []
         self.stage_info: tuple[StageInfo, ...] = ()
         self.parts = None  # pipeline.teacher.parts.TeacherParts, set by the run's build step
 
@@ -37,6 +45,9 @@ class OnlineTeacher:
 
     @torch.no_grad()
     def __call__(self, batch: Batch, images: Tensor) -> TeacherOutput:
+        for bn in self.batch_norms:  # set on every call: a probe's eval()/train() resets modes
+            bn.train()
+            bn.track_running_stats = False
         out = self.model(images, feats=self.stages or False, preact=self.preact)
         return TeacherOutput(
             logits=out.logits if "logits" in self.fields else None,

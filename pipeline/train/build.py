@@ -133,7 +133,7 @@ def build_teacher_source(
         stages = net.stage_info(size)
         selected = needs.resolve_teacher(len(stages))
         cached = open_cached_teacher(
-            spec, needs.teacher_outputs, num_classes, index=index, preact=needs.preact,
+            spec, needs.teacher_outputs, num_classes, index=index, preact=needs.teacher_preact,
             stages=selected, epochs=epochs)
         cached.stage_info = stages
         cached.parts = extract_teacher_parts(net, needs.teacher_modules, selected)
@@ -143,7 +143,8 @@ def build_teacher_source(
     model, info = teacher_network(spec, num_classes, load)
     stage_info = model.stage_info(size)
     selected = needs.resolve_teacher(len(stage_info))
-    teacher = OnlineTeacher(model, needs.teacher_fields, stages=selected, preact=needs.preact)
+    teacher = OnlineTeacher(model, needs.teacher_fields, stages=selected,
+                            preact=needs.teacher_preact, batch_stats=needs.teacher_batch_stats)
     teacher.stage_info = stage_info
     teacher.parts = extract_teacher_parts(model, needs.teacher_modules, selected)
     return teacher, info

@@ -30,7 +30,7 @@ class Distiller(nn.Module):
         out: ModelOutput | None = None
         if self.run_student:
             out = self.student(images, feats=self.student_stages or False,
-                               preact=self.method.needs.preact)
+                               preact=self.method.needs.student_preact)
         return self.method(out, teacher, batch)
 
     def predict(self, images: Tensor) -> Tensor:
