@@ -30,7 +30,11 @@ def check_values(spec: RunSpec, method_cls: Any, root: str) -> None:
         ("data.views", data.views, 0),
         ("optim.epochs", optim.epochs, 1),
         ("optim.grad_accum", optim.grad_accum, 1),
+        ("train.stop_check_every_steps", spec.train.stop_check_every_steps, 1),
+        ("train.log_every_steps", spec.train.log_every_steps, 1),
     ]
+    if spec.teacher is not None:
+        minimums.append(("teacher.cache_prefetch", spec.teacher.cache_prefetch, 0))
     for key, value, low in minimums:
         if value < low:
             fail(key, f"expected a value >= {low}, found {value}", root)

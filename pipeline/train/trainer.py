@@ -33,7 +33,9 @@ from pipeline.train.checkpoint import (
     rng_state,
     set_rng_state,
 )
+from pipeline.train.compile import compile_run
 from pipeline.train.distiller import Distiller
+from pipeline.train.hot_loop import configure_backends, place_teacher, read_ahead
 from pipeline.train.optim import build_optimizer
 from pipeline.train.progress import Progress
 from pipeline.train.schedule import set_lr
@@ -81,6 +83,7 @@ class Trainer:
         ddp = DistributedDataParallelKwargs()
         acc = make_accelerator(spec, ddp)
         self.acc = acc
+        configure_backends(spec, acc.device)
         if acc.device.type == "cpu":
             share_cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes)))
         self.plan = AugPlan.from_spec(spec.data, spec.seed)
@@ -100,9 +103,12 @@ class Trainer:
         distiller = Distiller(self.parts.student, self.parts.method)
         # DDP copies rank 0's buffers to every process each forward: exempt rank-local sums.
         mark_rank_local_buffers(distiller)
-        optimizer = build_optimizer(self.parts.student, self.parts.method, spec.optim)
+        optimizer = build_optimizer(self.parts.student, self.parts.method, spec.optim,
+                                    fused=acc.device.type == "cuda")
         self.distiller, self.optimizer = acc.prepare(distiller, optimizer)
-        self.teacher = self.parts.teacher.to(acc.device) if self.parts.teacher is not None else None
+        self.teacher = place_teacher(self.parts.teacher, spec, acc.device, acc.mixed_precision)
+        self.compile_s = compile_run(spec, acc, self.parts.student, self.teacher, method,
+                                     self.plan.size)
         self.tracker = Tracker(spec.tracking, enabled=acc.is_main_process)
         self.config_text = config_text
         self.stop = STOP
@@ -134,7 +140,7 @@ class Trainer:
     # -- state ------------------------------------------------------------------------------
     def _state(self, epoch: int, step: int, updates: int) -> dict:
         scaler = getattr(self.acc, "scaler", None)
-        rngs = self.acc.gather_for_metrics([rng_state()], use_gather_object=True)
+        rngs = self.acc.gather_for_metrics([rng_state(self.acc.device)], use_gather_object=True)
         return {
             "model": self.acc.unwrap_model(self.distiller).state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -164,7 +170,7 @@ class Trainer:
             scaler.load_state_dict(ckpt["scaler"])
         rngs = ckpt["rng"]
         if len(rngs) == self.acc.num_processes:
-            set_rng_state(rngs[self.acc.process_index])
+            set_rng_state(rngs[self.acc.process_index], self.acc.device)
 
     # -- the run ------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -182,6 +188,8 @@ class Trainer:
             acc.print(f"{self.run_dir} is already finished")
             return json.loads(metrics_file.read_text())
         self._start_tracking(ckpt)
+        if self.compile_s is not None:
+            self.tracker.log_metrics({"compile/seconds": self.compile_s}, 0)
         self.stop.install()
         try:
             while epoch < spec.optim.epochs:
@@ -237,7 +245,7 @@ class Trainer:
         method = self.parts.method
         method.start_epoch(epoch)
         self.distiller.train()
-        loader = self._train_loader(epoch, start_step)
+        loader = read_ahead(self._train_loader(epoch, start_step), self.teacher)
         total = self.steps_per_epoch
         progress = Progress(acc.is_main_process and spec.train.progress, total, start_step, epoch)
         sums: dict[str, torch.Tensor] = {}
@@ -292,7 +300,7 @@ class Trainer:
             else:
                 progress.update(None, 0.0)
             every = spec.train.checkpoint_every_steps
-            if self.stop.check():
+            if self.stop.check(step, spec.train.stop_check_every_steps, last=step == total):
                 self._stop_position = (epoch, step)
                 break
             if every > 0 and step % every == 0 and step < total:
