@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections import deque
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -239,9 +240,15 @@ class _DecodeStage:
             self._put(err)
 
     def __iter__(self) -> Iterator[tuple[Collated, Tensor]]:
+        # Batches whose decode may still read their pinned bytes: kept until their event has
+        # completed (the JPEG decoder's own copies of them are not tracked by torch's pinned
+        # memory cache, which could otherwise hand the memory out again too early).
+        in_flight: deque[tuple[Any, Collated]] = deque()
         while True:
             item = self.queue.get()
             if item is self._END:
+                for event, _ in in_flight:  # the epoch's end: wait for the last decodes
+                    event.synchronize()
                 return
             if isinstance(item, BaseException):
                 raise RuntimeError(f"nvjpeg backend: decoding failed: {item}") from item
@@ -250,6 +257,9 @@ class _DecodeStage:
                 current = torch.cuda.current_stream(self.device)
                 current.wait_event(event)
                 images.record_stream(current)
+                in_flight.append((event, collated))
+                while in_flight and in_flight[0][0].query():
+                    in_flight.popleft()
             yield collated, images
 
     def close(self) -> None:
