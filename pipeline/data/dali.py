@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from pipeline.data.backends import PlannedLoader, missing_backend
-from pipeline.data.dali_feed import COLUMNS, EXTRA, STATUS_BAD, STATUS_VIA_PIL, Feed, JobBoard
+from pipeline.data.dali_feed import GEO, OUTPUTS, STATUS_BAD, STATUS_VIA_PIL, Feed, JobBoard
 from pipeline.data.device import pinned_copy
 from pipeline.data.encoded import jpeg_problem, read_encoded
 from pipeline.data.index import BadSample, DatasetIndex, UnreadableSample
@@ -159,15 +159,12 @@ class DaliLoader(PlannedLoader):
         self.region = kind in ("rrc", "none")
         self.resize = kind != "pad_crop"
         self.window = kind in ("pad_crop", "eval")
-        self.columns = ["data", *(["anchor", "shape"] if self.region else []),
-                        *(["resize_x", "resize_y"] if self.resize else []),
-                        *(["window"] if self.window else []), "flip"]
 
     def feed(self, board: JobBoard) -> Feed:
         # A shallow copy of the index (the arrays are shared): the engine must not hold the
         # index it is cached under, or the cache would keep both alive forever.
-        return Feed(copy.copy(self.index), board.path, self.columns, self.train, self.plan,
-                    self.eval_tf, self.size)
+        return Feed(copy.copy(self.index), board.path, self.train, self.plan, self.eval_tf,
+                    self.size)
 
     # -- the pipeline ----------------------------------------------------------------------
     def _engine(self, rebuild: bool = False) -> _Engine:
@@ -245,10 +242,11 @@ class DaliLoader(PlannedLoader):
             self._record(found)
             board.mark([b.index for b in found if b.index not in known], STATUS_BAD)
 
-    def _batch(self, out: Any, meta_out: Any, bad_out: Any, board: JobBoard) -> Batch:
-        meta = np.stack([np.asarray(m) for m in meta_out])
-        self._found_bad(np.asarray(bad_out[0]), board)
+    def _batch(self, out: Any, geo_out: Any, bad_out: Any, board: JobBoard) -> Batch:
+        geo = np.asarray(geo_out.as_tensor())
+        self._found_bad(np.asarray(bad_out.as_tensor())[0], board)
         images = _to_torch(out, self.device_id)
+        meta = geo[:, [GEO["index"], GEO["label"], GEO["view"]]].astype(np.int64)
         index, labels, view = (pinned_copy(torch.from_numpy(meta[:, c])) for c in range(3))
         if len(meta) == 1 and meta[0, 0] == -2:  # the stand-in of an all-bad training batch
             s = self.size
@@ -276,22 +274,23 @@ def _build(loader: DaliLoader, board: JobBoard, batch: int) -> Any:
         # A forked CUDA context is unusable: spawn once CUDA is initialised here.
         py_start_method="spawn" if torch.cuda.is_initialized() else "fork",
     )
-    columns = loader.columns
     with pipe:
-        outs = fn.external_source(
+        data, geo, bad = fn.external_source(
             source=loader.feed(board),
-            num_outputs=len(columns) + len(EXTRA),
+            num_outputs=len(OUTPUTS),
             batch=True,
             batch_info=True,
             parallel=True,
             prefetch_queue_depth=FEED_AHEAD,
-            dtype=[getattr(types, COLUMNS[c][0]) for c in columns] + [types.INT64] * len(EXTRA),
-            layout=["HWC" if c == "data" and not loader.encoded else "" for c in columns]
-            + [""] * len(EXTRA),
+            dtype=[types.UINT8, types.INT32, types.INT64],
+            layout=["" if loader.encoded else "HWC", "", ""],
         )
-        col = dict(zip([*columns, *EXTRA], outs, strict=True))
+        col = {name: geo[where] for name, where in GEO.items()}
+        col["data"] = data
+        for name in ("resize_x", "resize_y"):
+            col[name] = fn.cast(col[name], dtype=types.FLOAT)
         images = _graph(loader, col, fn, types, gpu)
-        pipe.set_outputs(images, col["meta"], col["bad"])
+        pipe.set_outputs(images, geo, bad)
     pipe.build()
     return pipe
 

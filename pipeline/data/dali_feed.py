@@ -14,10 +14,15 @@ there is one):
 - ``status.npy``: per sample, 1 if known unreadable (skipped), 2 if it goes through PIL (DALI
   failed on it once), written by the loader, read by the workers through a shared memory map.
 
-Each batch also carries, as two extra outputs, what every row of the output is (``meta``:
-index, label, view; -1 for padding or a discarded stand-in, -2 for the stand-in of an all-bad
-training batch) and which samples the workers found unreadable (``bad``, on the first row:
-count, indices), so the loader can report them.
+A batch is three outputs, two of them dense arrays (DALI feeds a dense array at once, but a
+list of small per-sample arrays one sample at a time, in the training thread):
+
+- ``data``: per sample, the encoded file (or the HWC array of an in-memory index);
+- ``geo``: int32 (N, 12), per sample its ``backends.Geometry`` (x, y, w, h, resized w and h,
+  window x and y, flip) and what the row is (index, label, view; index -1 for padding or a
+  discarded stand-in, -2 for the stand-in of an all-bad training batch);
+- ``bad``: int64 (N, 1 + k): row 0 holds the count and the indices of the samples the workers
+  found unreadable (so that the loader reports them), the other rows are padding.
 """
 
 from __future__ import annotations
@@ -38,17 +43,10 @@ from pipeline.data.transforms import EvalTransform
 
 STATUS_BAD, STATUS_VIA_PIL = 1, 2
 
-# The callback's geometry outputs: name → (DALI type name, how a sample's value is made).
-COLUMNS: dict[str, tuple[str, Any]] = {
-    "data": ("UINT8", None),
-    "anchor": ("INT32", lambda g: np.array([g.x, g.y], dtype=np.int32)),
-    "shape": ("INT32", lambda g: np.array([g.w, g.h], dtype=np.int32)),
-    "resize_x": ("FLOAT", lambda g: np.array(g.resized_w, dtype=np.float32)),
-    "resize_y": ("FLOAT", lambda g: np.array(g.resized_h, dtype=np.float32)),
-    "window": ("INT32", lambda g: np.array([g.window_x, g.window_y], dtype=np.int32)),
-    "flip": ("INT32", lambda g: np.array(int(g.flip), dtype=np.int32)),
-}
-EXTRA = ("meta", "bad")  # INT64 outputs after the columns
+OUTPUTS = ("data", "geo", "bad")
+GEO = {"anchor": slice(0, 2), "shape": slice(2, 4), "resize_x": 4, "resize_y": 5,
+       "window": slice(6, 8), "flip": 8, "index": 9, "label": 10, "view": 11}
+GEO_WIDTH = 12
 
 
 def _shared_dir() -> str | None:
@@ -92,9 +90,9 @@ class JobBoard:
 class Feed:
     """The parallel external source's callback (module docstring). Picklable."""
 
-    def __init__(self, index: DatasetIndex, board: Path, columns: list[str], train: bool,
-                 plan: AugPlan | None, eval_tf: EvalTransform, size: int) -> None:
-        self.index, self.board, self.columns = index, Path(board), columns
+    def __init__(self, index: DatasetIndex, board: Path, train: bool, plan: AugPlan | None,
+                 eval_tf: EvalTransform, size: int) -> None:
+        self.index, self.board = index, Path(board)
         self.train, self.plan, self.eval_tf, self.size = train, plan, eval_tf, size
         self.encoded = index.files is not None
         self._job: tuple[int, np.ndarray] | None = None
@@ -113,14 +111,15 @@ class Feed:
             self._status = np.load(self.board / "status.npy", mmap_mode="r")
         return self._status
 
-    def __call__(self, info: Any) -> tuple[list[np.ndarray], ...]:
+    def __call__(self, info: Any) -> tuple[Any, ...]:
         job = self._order(int(info.epoch_idx))
         view, first = int(job[0, 0]), int(job[0, 1])
         step = first + int(info.iteration)
         if step >= len(job) - 1 or (self.board / f"cancel_{int(info.epoch_idx)}").exists():
             raise StopIteration
         status = self._state()
-        cols: dict[str, list[np.ndarray]] = {name: [] for name in [*self.columns, *EXTRA]}
+        data: list[np.ndarray] = []
+        rows: list[tuple[int, ...]] = []
         found: list[int] = []
         for i in job[1 + step].tolist():
             sample = None
@@ -134,18 +133,18 @@ class Feed:
             if sample is None and self.train:
                 continue
             meta = (i, int(self.index.labels[i]), view) if sample is not None else (-1, 0, -1)
-            self._append(cols, *(sample or self.placeholder()), meta)
-        if not cols["meta"]:  # every sample of a training batch was unreadable: feed a stand-in
-            self._append(cols, *self.placeholder(), (-2, 0, 0))
-        for k in range(len(cols["meta"])):
-            cols["bad"].append(np.array([len(found), *found] if k == 0 else [0], dtype=np.int64))
-        return tuple(cols.values())
-
-    def _append(self, cols: dict[str, list[np.ndarray]], data: np.ndarray, g: Geometry,
-                meta: tuple[int, int, int]) -> None:
-        for name in self.columns:
-            cols[name].append(data if name == "data" else COLUMNS[name][1](g))
-        cols["meta"].append(np.array(meta, dtype=np.int64))
+            encoded, g = sample or self.placeholder()
+            data.append(encoded)
+            rows.append((*g[:8], int(g.flip), *meta))
+        if not rows:  # every sample of a training batch was unreadable: feed a stand-in
+            encoded, g = self.placeholder()
+            data.append(encoded)
+            rows.append((*g[:8], 0, -2, 0, 0))
+        geo = np.asarray(rows, dtype=np.int32)
+        bad = np.full((len(rows), 1 + len(found)), -1, dtype=np.int64)
+        bad[:, 0] = 0
+        bad[0, : 1 + len(found)] = [len(found), *found]
+        return data, geo, bad
 
     def sample(self, i: int, view: int, via_pil: bool = False) -> tuple[np.ndarray, Geometry]:
         """(encoded bytes or HWC array, geometry) of sample ``i`` in ``view``."""
