@@ -17,9 +17,9 @@ written on its own, a hang times out the rest):
 
 - ``environment``: versions, GPU, optional packages present, an nvJPEG decode, the import
   graph (the training path without MLflow);
+- ``sync_free``: the trainer's steady-state steps under ``torch.cuda.set_sync_debug_mode``;
 - ``dry_runs``: ``launch/train.py --dry-run`` of the ImageNet KD, CID and CoSS configs in bf16,
   fp16 and fp32;
-- ``sync_free``: the trainer's steady-state steps under ``torch.cuda.set_sync_debug_mode``;
 - ``resume``: a real short run (JPEG folder, nvjpeg backend, online KD), SIGUSR1 → exit 75 →
   resume, against an uninterrupted run; ``student.pt`` and the checkpoint loaded in a process
   without CUDA;
@@ -57,14 +57,14 @@ sys.path[:0] = [str(ROOT), str(TOOLS)]
 # name: (module, function, budget in s on a device, budget in --quick mode, needs CUDA)
 STAGES: dict[str, tuple[str, str, float, float, bool]] = {
     "environment": ("io_stages", "environment", 60, 60, False),
-    "dry_runs": ("runs", "dry_runs", 110, 120, False),
     "sync_free": ("speed", "sync_free", 80, 90, False),
-    "resume": ("runs", "resume", 110, 120, False),
-    "cached_teacher": ("runs", "cached_teacher", 90, 120, False),
-    "throughput": ("speed", "throughput", 130, 90, False),
-    "decode": ("io_stages", "decode", 100, 60, False),
-    "memmap": ("io_stages", "memmap_reads", 50, 30, False),
-    "gpu_tests": ("gpu_tests", "gpu_tests", 120, 60, True),
+    "dry_runs": ("runs", "dry_runs", 100, 120, False),
+    "resume": ("runs", "resume", 100, 120, False),
+    "cached_teacher": ("runs", "cached_teacher", 80, 120, False),
+    "throughput": ("speed", "throughput", 120, 90, False),
+    "decode": ("io_stages", "decode", 90, 60, False),
+    "memmap": ("io_stages", "memmap_reads", 45, 30, False),
+    "gpu_tests": ("gpu_tests", "gpu_tests", 150, 60, True),
 }
 TOTAL_S = 470.0  # the whole check stays under 8 minutes (--quick: the sum of its budgets)
 MIN_STAGE_S = 20.0  # a stage left less than this is skipped
