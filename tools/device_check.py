@@ -1,7 +1,7 @@
 """One command that checks the project on a GPU machine and writes one JSON per stage.
 
     python tools/device_check.py --out $OUT            # on the device: ~5 min, at most 8
-    python tools/device_check.py --out runs/check --quick   # toy sizes on a CPU (CI)
+    python tools/device_check.py --out runs/check --quick   # toy sizes on a CPU (CI): ~1.5 min
     make device-check OUT=runs/device-check
 
 Needs only torch, torchvision, accelerate, numpy, pyyaml and pillow (and pytest for the
