@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast lint clean
+.PHONY: setup demo test test-fast lint clean device-check
 
 setup: $(STAMP)
 
@@ -30,6 +30,13 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -m "not slow"
+
+# On a GPU machine, from the source tree, without `make setup` (it needs only torch, torchvision,
+# accelerate, numpy, pyyaml, pillow; pytest for its gpu_tests stage): one JSON per stage in OUT.
+# ARGS=--quick runs the toy CPU mode.
+OUT ?= runs/device-check
+device-check:
+	$(PYTHON) tools/device_check.py --out $(OUT) $(ARGS)
 
 lint: setup
 	$(PY) -m ruff check .

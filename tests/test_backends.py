@@ -246,14 +246,14 @@ def test_cached_teacher_serves_the_same_rows(folder, tmp_path: Path) -> None:
 
 def test_dali_recovers_from_a_decoder_failure(folder, monkeypatch) -> None:
     """A file that passes the checks but that DALI cannot decode goes through PIL instead."""
-    from pipeline.data import dali
+    from pipeline.data import dali_feed
 
     spec, _ = folder
     index = _index(spec)
     plan = AugPlan.from_spec(spec, seed=3)
     ref = list(build_train_loader(index, spec, plan, 0, 3, 0, 1))
     target = int(ref[1].index[0])
-    real = dali.read_encoded
+    real = dali_feed.read_encoded
 
     def broken(index, i, via_pil=False):
         data, w, h = real(index, i, via_pil)
@@ -261,7 +261,7 @@ def test_dali_recovers_from_a_decoder_failure(folder, monkeypatch) -> None:
             return np.frombuffer(b"\xff\xd8\xff\xd9", dtype=np.uint8), w, h
         return data, w, h
 
-    monkeypatch.setattr(dali, "read_encoded", broken)
+    monkeypatch.setattr(dali_feed, "read_encoded", broken)
     loader = build_train_loader(index, _with(spec, "dali"), plan, 0, 3, 0, 1)
     got = list(loader)
     assert target in loader.via_pil

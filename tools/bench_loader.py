@@ -1,7 +1,14 @@
 """Loader throughput: images/s of each backend at equal threads, against a decode-only ceiling.
 
     python tools/bench_loader.py --json runs/bench_loader.json [--data DIR] [--images 500]
-        [--threads 2] [--batch 64] [--size 224] [--epochs 8] [--backends torchvision,dali,ffcv]
+        [--threads 2] [--batch 64] [--size 224] [--epochs 8]
+        [--backends torchvision,dali,ffcv,nvjpeg] [--device cpu|cuda] [--channels-last]
+
+``--device cuda``: every backend's batches are taken to the GPU and normalised there
+(``to_device``, channels-last with ``--channels-last``), as the trainer does, and DALI and
+nvjpeg decode on the GPU; each timed epoch ends with ``torch.cuda.synchronize()``. The decode
+ceiling then also times nvJPEG (``decode_jpeg(device="cuda")`` on batches of ``--batch``
+files).
 
 Without ``--data`` it writes an ImageNet-like folder (``--images`` JPEGs of about 500×375 at
 quality 90, textured so they compress like photographs: ~95 KB each) under ``--workdir``. Every
@@ -78,7 +85,8 @@ class DecodeCeiling:
     def __init__(self, files: list[Path], threads: int) -> None:
         self.blobs = [f.read_bytes() for f in files]
         self.pool = ThreadPoolExecutor(threads)
-        self.methods: dict[str, Any] = {"pil": self._pil}
+        self.methods: dict[str, Any] = {"pil": self._pil, "torchvision_cpu": self._tv_cpu}
+        self.tensors = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in self.blobs]
         try:
             from pipeline.data.ffcv_ops import decode_jpeg
         except ImportError:
@@ -95,6 +103,25 @@ class DecodeCeiling:
         with Image.open(io.BytesIO(self.blobs[i])) as img:
             img.convert("RGB")
 
+    def _tv_cpu(self, i: int) -> None:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        decode_jpeg(self.tensors[i], mode=ImageReadMode.RGB)
+
+    def add_gpu(self, device: torch.device, batch: int) -> None:
+        """nvJPEG: ``batch`` files per ``decode_jpeg(device=...)`` call, from pinned memory."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        pinned = [t.pin_memory() for t in self.tensors]
+
+        def run() -> None:
+            for k in range(0, len(pinned), batch):
+                decode_jpeg(pinned[k : k + batch], mode=ImageReadMode.RGB, device=device)
+            torch.cuda.synchronize(device)
+
+        self.bulk = {"nvjpeg_gpu": run}
+        self.methods["nvjpeg_gpu"] = None
+
     def _turbo(self, i: int) -> None:
         w, h = self.shapes[i]
         self.decode_jpeg(self.arrays[i], np.empty(w * h * 3, np.uint8), w, h)
@@ -102,16 +129,31 @@ class DecodeCeiling:
     def rate(self, method: str) -> float:
         fn = self.methods[method]
         t0 = time.perf_counter()
-        list(self.pool.map(fn, range(len(self.blobs)), chunksize=8))
+        if fn is None:
+            self.bulk[method]()
+        else:
+            list(self.pool.map(fn, range(len(self.blobs)), chunksize=8))
         return len(self.blobs) / (time.perf_counter() - t0)
 
 
-def run_epoch(spec: DataSpec, index: Any, plan: AugPlan, epoch: int) -> tuple[float, int]:
-    """(images/s, images) of one training epoch of ``spec.backend``, loader set-up included."""
+def run_epoch(spec: DataSpec, index: Any, plan: AugPlan, epoch: int,
+              device: torch.device | None = None, channels_last: bool = False
+              ) -> tuple[float, int]:
+    """(images/s, images) of one training epoch of ``spec.backend``, loader set-up included;
+    with a CUDA ``device`` every batch is normalised on it and the epoch ends synchronised."""
+    from pipeline.data import to_device
+
+    cuda = device is not None and device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
     t0 = time.perf_counter()
     count = 0
     for batch in build_train_loader(index, spec, plan, epoch, 0, 0, 1):
+        if cuda:
+            batch = to_device(batch, device, spec.mean, spec.std, channels_last)
         count += len(batch)
+    if cuda:
+        torch.cuda.synchronize(device)
     return count / (time.perf_counter() - t0), count
 
 
@@ -125,8 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--epochs", type=int, default=8, help="timed rounds (after one warm-up)")
-    p.add_argument("--backends", default="torchvision,dali,ffcv")
+    p.add_argument("--backends", default="torchvision,dali,ffcv,nvjpeg")
+    p.add_argument("--device", default="cpu", help="cpu | cuda (module docstring)")
+    p.add_argument("--channels-last", action="store_true", help="with --device cuda")
     args = p.parse_args(argv)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
     work = Path(args.workdir)
     root = Path(args.data) if args.data else work / "images"
     if not args.data and not (root / "train").is_dir():
@@ -134,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         make_images(root, args.images)
     spec = DataSpec(dataset="imagefolder", root=str(root), augment="imagenet",
                     image_size=args.size, batch_size=args.batch, workers=args.threads, views=0,
-                    ffcv_dir=str(work / "ffcv"), dali_device="cpu")
+                    ffcv_dir=str(work / "ffcv"), dali_device="gpu" if cuda else "cpu",
+                    nvjpeg_device="gpu" if cuda else "cpu")
     files = sorted((root / "train").rglob("*.jpg"))
     torch.set_num_threads(args.threads)
     result: dict[str, Any] = {"images_per_s": {}, "details": {}, "skipped": {}}
@@ -152,13 +199,16 @@ def main(argv: list[str] | None = None) -> int:
                 result["ffcv_write_s"] = round(time.perf_counter() - t0, 1)
             index = build_index(b_spec, "train")
             plan = AugPlan.from_spec(b_spec, seed=0)
-            run_epoch(b_spec, index, plan, 0)  # warm-up: numba compilation, DALI build, caches
+            # warm-up: numba compilation, DALI build, caches, CUDA allocator
+            run_epoch(b_spec, index, plan, 0, device, args.channels_last)
         except BackendUnavailable as err:
             result["skipped"][name] = str(err)
             print(f"{name}: skipped ({err})", flush=True)
             continue
         ready[name] = (b_spec, index, plan)
     ceiling = DecodeCeiling(files, args.threads)
+    if cuda:
+        ceiling.add_gpu(device, args.batch)
     for method in ceiling.methods:
         ceiling.rate(method)  # warm-up
     rates: dict[str, list[float]] = {name: [] for name in [*ready, *ceiling.methods]}
@@ -166,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     # change of machine load over the run weighs on all of them alike.
     for epoch in range(1, args.epochs + 1):
         for name, (b_spec, index, plan) in ready.items():
-            rate, count = run_epoch(b_spec, index, plan, epoch)
+            rate, count = run_epoch(b_spec, index, plan, epoch, device, args.channels_last)
             rates[name].append(rate)
             result["details"].setdefault(name, {})["images_per_epoch"] = count
         for method in ceiling.methods:
@@ -191,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         "images": len(files), "mean_bytes": int(np.mean([f.stat().st_size for f in files])),
         "mean_size": [int(np.mean([s[0] for s in sizes])), int(np.mean([s[1] for s in sizes]))],
         "threads": args.threads, "batch": args.batch, "size": args.size,
+        "device": str(device), "channels_last": args.channels_last,
+        "gpu": torch.cuda.get_device_name(device) if cuda else None,
         "augment": "RandomResizedCrop (plan) + flip, uint8 CHW batches",
         "timed_epochs": args.epochs, "cpu_count": os.cpu_count(),
         "machine": platform.platform(), "python": platform.python_version(),

@@ -73,6 +73,7 @@ def _table(spec: RunSpec) -> list[tuple[str, Any, Rule]]:
         ("train.log_every_steps", t.log_every_steps, at_least(1)),
         ("train.max_steps_per_epoch", t.max_steps_per_epoch, at_least(0)),
         ("train.dist_timeout_s", t.dist_timeout_s, at_least(1)),
+        ("train.stop_check_every_steps", t.stop_check_every_steps, at_least(1)),
     ]
     rows += [(f"optim.milestones[{i}]", m, at_least(1)) for i, m in enumerate(o.milestones)]
     rows += [(f"data.std[{i}]", s, positive()) for i, s in enumerate(d.std)]
@@ -82,6 +83,7 @@ def _table(spec: RunSpec) -> list[tuple[str, Any, Rule]]:
         rows += [
             ("teacher.cache_topk", spec.teacher.cache_topk, at_least(0)),
             ("teacher.cache_chunk", spec.teacher.cache_chunk, at_least(1)),
+            ("teacher.cache_prefetch", spec.teacher.cache_prefetch, at_least(0)),
         ]
     return rows
 

@@ -17,7 +17,7 @@ class DataSpec:
     root: str = "data/demo"
     train_split: str = "train"
     eval_splits: list[str] = field(default_factory=lambda: ["val"])
-    backend: Literal["torchvision", "dali", "ffcv"] = "torchvision"
+    backend: Literal["torchvision", "dali", "ffcv", "nvjpeg"] = "torchvision"
     # cifar (pad 4, crop 32, flip), tiny_imagenet (pad 8, crop 64, flip), imagenet (RRC, flip)
     augment: Literal["cifar", "tiny_imagenet", "imagenet", "none"] = "cifar"
     image_size: int = 32
@@ -55,6 +55,9 @@ class DataSpec:
     # backend: ffcv — FFCV's own RandomResizedCrop + flip instead of the plan (training only):
     # not reproducible, and batches do not match a teacher cache.
     ffcv_random_crop: bool = False
+    # backend: nvjpeg — workers read the JPEG bytes, batches are decoded (torchvision.io,
+    # nvJPEG) and cropped on the GPU when CUDA is present (auto), or force gpu / cpu.
+    nvjpeg_device: Literal["auto", "gpu", "cpu"] = "auto"
 
 
 @dataclass
@@ -77,6 +80,8 @@ class TeacherSpec:
     cache_topk: int = 0  # 0: full fp16 logits; k: top-k probabilities at the method's T
     cache_eval_view: bool = False  # also cache the deterministic eval view of every train sample
     cache_chunk: int = 4096  # rows per chunk (the unit of work, completion and checksums)
+    # teacher.source: cached — batches whose rows a thread reads ahead of the step (0: none)
+    cache_prefetch: int = 2
 
 
 @dataclass
@@ -114,6 +119,12 @@ class TrainSpec:
     # Resume a run directory with a config that differs from the one it was started with: the
     # change is recorded as a new config version (pipeline/train/resume_guard.py).
     allow_config_change: bool = False
+    # Processes agree on a SIGUSR1/SIGTERM stop every this many steps (and at an epoch's last
+    # step): the agreement is a collective plus a host read, which waits for the GPU's queue.
+    stop_check_every_steps: int = 50
+    # torch.compile the student and an online teacher; the first step's extra time is logged.
+    compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
 
 
 @dataclass

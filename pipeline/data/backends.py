@@ -1,4 +1,4 @@
-"""Loader backends behind one config key, ``data.backend``: torchvision | dali | ffcv.
+"""Loader backends behind one config key, ``data.backend``: torchvision | dali | ffcv | nvjpeg.
 
 ``build_train_loader`` and ``build_eval_loader`` (exported by ``pipeline.data``) pick the backend
 the data spec names; the trainer, the methods and the teacher cache never know which one ran.
@@ -33,7 +33,7 @@ from pipeline.data.index import BadSample, DatasetIndex
 from pipeline.data.plan import AugPlan, Crop, view_for_epoch
 from pipeline.data.transforms import EvalTransform
 
-BACKENDS = ("torchvision", "dali", "ffcv")
+BACKENDS = ("torchvision", "dali", "ffcv", "nvjpeg")
 INSTALL = {
     "dali": "pip install -e .[dali]  (the wheel nvidia-dali-cuda130==2.4.0; see "
     "requirements-extras.txt)",
@@ -143,6 +143,21 @@ def _backend(spec: DataSpec) -> str:
     return spec.backend
 
 
+def _planned(backend: str) -> type[PlannedLoader]:
+    """The loader class of an accelerated backend (imported only when asked for)."""
+    if backend == "dali":
+        from pipeline.data.dali import DaliLoader
+
+        return DaliLoader
+    if backend == "nvjpeg":
+        from pipeline.data.nvjpeg import NvjpegLoader
+
+        return NvjpegLoader
+    from pipeline.data.ffcv import FfcvLoader
+
+    return FfcvLoader
+
+
 def build_train_loader(
     index: DatasetIndex,
     spec: DataSpec,
@@ -161,13 +176,7 @@ def build_train_loader(
         )
     order = tv.training_order(spec, len(index), seed, epoch, process_index, num_processes)
     view = view_for_epoch(epoch, spec.views)
-    if backend == "dali":
-        from pipeline.data.dali import DaliLoader
-
-        return DaliLoader(index, spec, order, view, start_step, True, plan, epoch)
-    from pipeline.data.ffcv import FfcvLoader
-
-    return FfcvLoader(index, spec, order, view, start_step, True, plan, epoch)
+    return _planned(backend)(index, spec, order, view, start_step, True, plan, epoch)
 
 
 def build_eval_loader(
@@ -178,10 +187,4 @@ def build_eval_loader(
     if backend == "torchvision":
         return tv.build_eval_loader(index, spec, process_index, num_processes)
     order = tv.eval_order(len(index), spec.eval_batch_size, process_index, num_processes)
-    if backend == "dali":
-        from pipeline.data.dali import DaliLoader
-
-        return DaliLoader(index, spec, order, -1, 0, False, None)
-    from pipeline.data.ffcv import FfcvLoader
-
-    return FfcvLoader(index, spec, order, -1, 0, False, None)
+    return _planned(backend)(index, spec, order, -1, 0, False, None)

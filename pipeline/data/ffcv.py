@@ -19,7 +19,8 @@ epoch iterator (what ``Loader(indices=..., order=SEQUENTIAL)`` runs), so shardin
 padding are those of the other backends. The compiled FFCV loader is kept across epochs (only
 the order and the table change): numba compiles its pipeline (~5 s) once per process and .beton
 (train, each eval split), not once per epoch. Images come out uint8 (N, 3, H, W) with FFCV's
-channels-last strides (``to_device`` normalises on the device). FFCV's epoch thread drops its
+channels-last strides, in pinned memory when CUDA is present (``to_device`` normalises on the
+device). FFCV's epoch thread drops its
 errors (the consumer would wait forever): ours hands them to the consumer.
 ``data.ffcv_random_crop: true`` swaps the plan for FFCV's own RandomResizedCrop + flip (training
 only): no table to fill, but not reproducible, and its batches do not match a teacher cache.
@@ -48,6 +49,7 @@ from pipeline.data.backends import (
     missing_backend,
     train_geometry,
 )
+from pipeline.data.device import pinned_copy
 from pipeline.data.index import BadSample, DatasetIndex, resolve_root
 from pipeline.types import Batch
 
@@ -305,17 +307,18 @@ class FfcvLoader(PlannedLoader):
         if found:
             self._record(found)
         keep = (row >= 0) & (labels.reshape(-1).numpy() >= 0)
-        index = torch.from_numpy(row.copy())
-        label = labels.reshape(-1).clone()
-        view = torch.full((len(row),), self.view, dtype=torch.int64)
+        index = pinned_copy(torch.from_numpy(row))
+        label = pinned_copy(labels.reshape(-1))
+        view = pinned_copy(torch.full((len(row),), self.view, dtype=torch.int64))
         if keep.all():
-            # FFCV reuses its output buffers a few batches later: copy. The copy keeps FFCV's
-            # channels-last strides (a memcpy; an NCHW-contiguous copy costs a transpose).
-            return Batch(images.clone(), label, index, view)
-        if self.train:  # boolean indexing copies too
+            # FFCV reuses its output buffers a few batches later: copy (into pinned memory when
+            # CUDA is present, so the trainer's non-blocking copy to the GPU does not block).
+            # The copy keeps FFCV's channels-last strides (a memcpy, not a transpose).
+            return Batch(pinned_copy(images), label, index, view)
+        if self.train:
             k = torch.from_numpy(keep)
-            return Batch(images[k], label[k], index[k], view[k])
-        images = images.clone()
+            return Batch(pinned_copy(images[k]), label[k], index[k], view[k])
+        images = pinned_copy(images)
         pad = torch.from_numpy(~keep)
         images[pad] = 0
         label[pad], index[pad], view[pad] = 0, -1, -1

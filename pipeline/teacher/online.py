@@ -39,8 +39,21 @@ class OnlineTeacher:
     def embedding_dim(self) -> int:
         return self.model.embedding_dim
 
-    def to(self, device: torch.device) -> OnlineTeacher:
+    def to(
+        self,
+        device: torch.device,
+        channels_last: bool = False,
+        dtype: torch.dtype | None = None,
+    ) -> OnlineTeacher:
+        """Move the network to ``device``; ``channels_last``: the student's memory format (else
+        cuDNN converts every input); ``dtype``: cast the frozen conv/linear weights once to the
+        autocast dtype (autocast does not cache casts of weights without gradients and would
+        re-cast them at every call). See ``cast_frozen_weights``."""
         self.model.to(device)
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        if dtype is not None:
+            cast_frozen_weights(self.model, dtype)
         return self
 
     @torch.no_grad()
@@ -54,6 +67,21 @@ class OnlineTeacher:
             embedding=out.embedding if "embedding" in self.fields else None,
             feats=out.feats if self.stages else None,
         )
+
+
+_AUTOCAST_WEIGHTS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def cast_frozen_weights(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast the parameters of convolutions and linear layers to ``dtype`` (in place).
+
+    These are the weights autocast would cast at every call; normalisation layers keep float32,
+    as under autocast, so outputs under autocast are the same as without the cast.
+    """
+    for module in model.modules():
+        if isinstance(module, _AUTOCAST_WEIGHTS):
+            module.to(dtype)
+    return model
 
 
 def build_teacher_model(

@@ -13,9 +13,13 @@ def _is_bn_or_bias(name: str, p: nn.Parameter) -> bool:
 
 
 def build_optimizer(
-    student: nn.Module, method: nn.Module, spec: OptimSpec
+    student: nn.Module, method: nn.Module, spec: OptimSpec, fused: bool = False
 ) -> torch.optim.Optimizer:
     """SGD over the student and the method's own parts.
+
+    ``fused`` (the trainer sets it on CUDA): one fused kernel per step, which also takes the
+    fp16 grad scaler's inf check on the device (a non-fused optimiser makes the scaler read it
+    on the host, a sync every step).
 
     Groups: decayed parameters; parameters without decay (BN and biases of the student when
     ``no_decay_bn_bias``; whatever the method lists in ``no_decay_parameters()``, e.g. CID's W).
@@ -34,5 +38,6 @@ def build_optimizer(
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0, "base_lr": spec.lr})
     return torch.optim.SGD(
-        groups, lr=spec.lr, momentum=spec.momentum, nesterov=spec.nesterov and spec.momentum > 0
+        groups, lr=spec.lr, momentum=spec.momentum, nesterov=spec.nesterov and spec.momentum > 0,
+        fused=True if fused else None,
     )

@@ -33,8 +33,10 @@ from pipeline.train.checkpoint import (
     rng_state,
     set_rng_state,
 )
+from pipeline.train.compile import compile_run
 from pipeline.train.distiller import Distiller
 from pipeline.train.empty_batch import report_empty_step, zero_loss
+from pipeline.train.hot_loop import configure_backends, place_teacher, read_ahead
 from pipeline.train.optim import build_optimizer
 from pipeline.train.phases import EpochPhase, PhasePlan, phase_optimizer
 from pipeline.train.progress import Progress
@@ -85,6 +87,7 @@ class Trainer:
         ddp = DistributedDataParallelKwargs()
         acc = make_accelerator(spec, ddp)
         self.acc = acc
+        configure_backends(spec, acc.device)
         if acc.device.type == "cpu":
             share_cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes)))
         self.plan = AugPlan.from_spec(spec.data, spec.seed)
@@ -108,10 +111,13 @@ class Trainer:
         distiller = Distiller(self.parts.student, self.parts.method)
         # DDP copies rank 0's buffers to every process each forward: exempt rank-local sums.
         mark_rank_local_buffers(distiller)
-        optimizer = build_optimizer(self.parts.student, self.parts.method, spec.optim)
+        optimizer = build_optimizer(self.parts.student, self.parts.method, spec.optim,
+                                    fused=acc.device.type == "cuda")
         self.distiller, self.optimizer = acc.prepare(distiller, optimizer)
         self.phase_optimizers: dict[str, Any] = {}
-        self.teacher = self.parts.teacher.to(acc.device) if self.parts.teacher is not None else None
+        self.teacher = place_teacher(self.parts.teacher, spec, acc.device, acc.mixed_precision)
+        self.compile_s = compile_run(spec, acc, self.parts.student, self.teacher, method,
+                                     self.plan.size)
         self.tracker = Tracker(spec.tracking, enabled=acc.is_main_process)
         self.config_text = config_text
         self.stop = STOP
@@ -153,7 +159,7 @@ class Trainer:
     # -- state ------------------------------------------------------------------------------
     def _state(self, epoch: int, step: int, updates: int) -> dict:
         scaler = getattr(self.acc, "scaler", None)
-        rngs = self.acc.gather_for_metrics([rng_state()], use_gather_object=True)
+        rngs = self.acc.gather_for_metrics([rng_state(self.acc.device)], use_gather_object=True)
         return {
             "model": self.acc.unwrap_model(self.distiller).state_dict(),
             # the optimiser of the phase this position belongs to (a phase's own SGD, or main)
@@ -189,7 +195,7 @@ class Trainer:
             scaler.load_state_dict(ckpt["scaler"])
         rngs = ckpt["rng"]
         if len(rngs) == self.acc.num_processes:
-            set_rng_state(rngs[self.acc.process_index])
+            set_rng_state(rngs[self.acc.process_index], self.acc.device)
 
     # -- the run ------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -211,6 +217,8 @@ class Trainer:
             acc.print(f"{self.run_dir} is already finished")
             return json.loads(metrics_file.read_text())
         self._start_tracking(ckpt)
+        if self.compile_s is not None:
+            self.tracker.log_metrics({"compile/seconds": self.compile_s}, 0)
         self.stop.install()
         try:
             while epoch < total_epochs:
@@ -277,7 +285,7 @@ class Trainer:
         optimizer = self._optimizer_for(at)
         prefix = "" if at.is_main else f"{at.name}/"
         self.distiller.train()
-        loader = self._train_loader(epoch, start_step)
+        loader = read_ahead(self._train_loader(epoch, start_step), self.teacher)
         total = self.steps_per_epoch
         progress = Progress(acc.is_main_process and spec.train.progress, total, start_step,
                             at.local, at.name)
@@ -334,7 +342,7 @@ class Trainer:
             else:
                 progress.update(None, 0.0)
             every = spec.train.checkpoint_every_steps
-            if self.stop.check():
+            if self.stop.check(step, spec.train.stop_check_every_steps, last=step == total):
                 self._stop_position = (epoch, step)
                 break
             if every > 0 and step % every == 0 and step < total:
