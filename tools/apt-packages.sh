@@ -4,11 +4,12 @@
 #   slurmctld slurmd slurm-client munge   single-node Slurm for tests/test_slurm.py
 #                                          (launch/slurm/local_cluster.sh starts it)
 #   the shell linter "shellcheck"          lints the launch scripts (tests/test_slurm.py)
+#   chromium                               headless browser: the HTML report and MLflow UI tests
 # Needs root (or sudo); without either it lists what is missing and exits 0 so that `make setup`
 # still builds the venv (the tests that need these binaries then skip and say why).
 set -euo pipefail
 
-PACKAGES=(slurmctld slurmd slurm-client munge shellcheck libturbojpeg0-dev libopencv-dev pkg-config)
+PACKAGES=(slurmctld slurmd slurm-client munge shellcheck libturbojpeg0-dev libopencv-dev pkg-config chromium)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do
