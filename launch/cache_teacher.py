@@ -121,11 +121,14 @@ def write(spec: RunSpec, repair: bool) -> int:
     from accelerate import PartialState
 
     from pipeline.teacher.cache_writer import cache_fields, write_cache
+    from pipeline.threads import share_cpu_threads
     from pipeline.train.build import method_class, method_options
     from pipeline.train.signals import EXIT_REQUEUE, STOP
 
     assert spec.teacher is not None and spec.teacher.cache_dir
     state = PartialState(cpu=spec.train.cpu or not torch.cuda.is_available())
+    if state.device.type == "cpu":
+        share_cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes)))
     cache_dir = Path(spec.teacher.cache_dir).expanduser().resolve()
     if repair and state.is_main_process and (cache_dir / "manifest.json").is_file():
         verify(str(cache_dir))

@@ -145,7 +145,8 @@ def evaluate(spec: Any, args: argparse.Namespace) -> int:
     from pipeline.data import build_index
     from pipeline.evaluate.score import build_scorer, default_weights, score_splits
     from pipeline.teacher.online import teacher_run_id
-    from pipeline.train.trainer import run_dir_for, share_cpu_threads
+    from pipeline.threads import share_cpu_threads
+    from pipeline.train.trainer import run_dir_for
 
     run_dir = Path(args.run_dir).resolve() if args.run_dir else run_dir_for(spec)
     weights = args.weights or default_weights(spec, args.net, run_dir)

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.catalog import load_run_config  # noqa: E402
 from pipeline.config import ConfigError  # noqa: E402
+from pipeline.threads import share_cpu_threads  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -76,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{out}: up to date (top {top_n} of {info['num_samples']} samples)")
                 return 0
         device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+        if device == "cpu":
+            share_cpu_threads()
         start = time.perf_counter()
         path = compute_cache_neighbours(cache_dir, top_n, args.chunk, device, out)
     except (ConfigError, ValueError) as err:

@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.catalog import load_run_config  # noqa: E402
 from pipeline.config import ConfigError  # noqa: E402
+from pipeline.threads import share_cpu_threads  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -156,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cuda = torch.cuda.is_available() and not args.cpu and not source.train.cpu
     device = torch.device("cuda" if cuda else "cpu")
+    if not cuda:
+        share_cpu_threads()
     start = time.perf_counter()
     result = probe_student(target, b["student"], b["train_index"], b["eval_indices"],
                            b["num_classes"], device, recipe, args.knn_k, args.train_views)

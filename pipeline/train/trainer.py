@@ -23,6 +23,7 @@ from pipeline.data import AugPlan, build_eval_loader, build_train_loader, to_dev
 from pipeline.distill.compose import mark_rank_local_buffers
 from pipeline.evaluate.loop import evaluate_split
 from pipeline.teacher.online import teacher_run_id
+from pipeline.threads import share_cpu_threads
 from pipeline.track.mlflow_tracker import Tracker
 from pipeline.train.bad_samples import BadSampleReport
 from pipeline.train.build import build_data, build_parts
@@ -48,16 +49,6 @@ from pipeline.types import Batch
 
 def run_dir_for(spec: RunSpec) -> Path:
     return Path(spec.run_dir or Path("runs") / spec.name).resolve()
-
-
-def share_cpu_threads(local_processes: int) -> None:
-    """Give each local process an equal share of the cores unless OMP_NUM_THREADS says otherwise.
-
-    Oversubscribed OpenMP pools are catastrophic on small machines: with 2 processes × 2
-    threads on 2 cores, every tiny op waits a scheduler quantum (measured: 10-20× slower steps).
-    """
-    if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_processes, 1)))
 
 
 def make_accelerator(spec: RunSpec, ddp: DistributedDataParallelKwargs) -> Accelerator:
