@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -32,6 +31,7 @@ from pipeline.track.buffer import (
     fail_fast_http,
     load_ids,
 )
+from pipeline.track.conventions import git_commit, source_tags
 
 log = logging.getLogger(__name__)
 
@@ -53,17 +53,6 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
         else:
             out[name] = str(value)[:6000]
     return out
-
-
-def git_commit() -> str:
-    try:
-        root = Path(__file__).resolve().parents[2]
-        out = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
-        )
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def now_ms() -> int:
@@ -160,8 +149,12 @@ class Tracker:
         tags: dict[str, str],
         resume_run_id: str | None = None,
         parent_run_id: str | None = None,
+        description: str | None = None,
     ) -> str | None:
-        """Start (or resume) the run; returns its id (``pending-…`` if the server was down)."""
+        """Start (or resume) the run; returns its id (``pending-…`` if the server was down).
+
+        A new run gets MLflow's source, git and user tags and ``description`` (default: the run
+        name) as its note (``conventions.source_tags``) besides ``tags``."""
         if not self.enabled:
             return None
         assert self.client is not None
@@ -182,7 +175,8 @@ class Tracker:
             self._send("status", status="RUNNING")
             self._send("tags", tags={"resumed": "true"})
             return self.run_id
-        all_tags = {"git_commit": git_commit(), **self.spec.tags, **tags}
+        all_tags = {"git_commit": git_commit(), **source_tags(run_name, description or run_name),
+                    **self.spec.tags, **tags}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
         start_time = now_ms()
@@ -216,6 +210,48 @@ class Tracker:
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         if self.enabled and self.run_id and path.exists():
             self._send("artifact", path=str(Path(path).resolve()), artifact_path=artifact_path)
+
+    def log_inputs(self, datasets: list[dict[str, Any]]) -> None:
+        """Dataset inputs (``conventions.dataset_input`` records), buffered like every call."""
+        if self.enabled and self.run_id and datasets:
+            self._send("inputs", datasets=datasets)
+
+    def log_model(self, state: Path, arch: str, num_classes: int, image_size: int,
+                  name: str = "model") -> bool:
+        """The network ``arch`` with the state dict file ``state`` as the run's MLflow model
+        (``model_log.log_network``); True when logged now.
+
+        Kept in the buffer when the server is down (the resend tool logs it from ``state``
+        later). A failure while the server answers (the network cannot be exported, say) is
+        reported once and the run goes on without the model.
+        """
+        if not (self.enabled and self.run_id):
+            return False
+        payload = {"state": str(Path(state).resolve()), "arch": arch,
+                   "num_classes": int(num_classes), "image_size": int(image_size), "name": name}
+        record = {"op": "model", "uri": self.uri, "run_id": self.run_id, **payload}
+        if self.run_id.startswith(PENDING) or self.offline:
+            self._send("model", **payload)
+            return False
+        try:
+            apply_record(self.client, record, {})
+            return True
+        except Exception as err:  # an outage, or a network MLflow cannot take: never fatal
+            if self._server_answers():
+                log.warning("WARNING: %s could not be logged as an MLflow model (%s: %s); the "
+                            "run has no logged model", state, type(err).__name__,
+                            str(err).splitlines()[0][:300] if str(err) else "")
+                return False
+            self._go_offline("model", err)
+            self.buffer.add(record)
+            return False
+
+    def _server_answers(self) -> bool:
+        try:
+            self.client.get_run(self.run_id)
+            return True
+        except Exception:
+            return False
 
     def finish(self, status: str = "FINISHED") -> None:
         if not (self.enabled and self.run_id):
