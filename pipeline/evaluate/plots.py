@@ -198,10 +198,12 @@ def write_plots(
     out_dir.mkdir(parents=True, exist_ok=True)
     files: list[Path] = []
     accs: dict[str, np.ndarray] = {}
-    n = len(class_names)
+    names = list(class_names)
     for split, out in outputs.items():
         if out.labels.numel() == 0:
             continue
+        n = out.logits.shape[1]  # a head may have more outputs than the split has class names
+        names += [str(i) for i in range(len(names), n)]
         conf, pred = predictions(out.logits)
         labels = out.labels.long()
         bins = reliability_bins(conf, (pred == labels).double())
@@ -209,14 +211,16 @@ def write_plots(
                            out_dir / f"reliability_{split}.png"))
         accs[split] = per_class_accuracy(pred, labels, n)
         if n <= MAX_CONFUSION_CLASSES:
-            fig = draw_confusion(confusion_matrix(pred, labels, n), class_names,
+            fig = draw_confusion(confusion_matrix(pred, labels, n), names[:n],
                                  f"confusion matrix: {split}")
             files.append(_save(fig, out_dir / f"confusion_{split}.png"))
         if out.values:
             fig = draw_feature_norms(out.values, f"penultimate feature norms: {split}")
             files.append(_save(fig, out_dir / f"feature_norms_{split}.png"))
     if accs:
-        files.append(_save(draw_per_class(accs, class_names), out_dir / "per_class_accuracy.png"))
+        width = max(len(a) for a in accs.values())
+        accs = {k: np.pad(a, (0, width - len(a)), constant_values=np.nan) for k, a in accs.items()}
+        files.append(_save(draw_per_class(accs, names[:width]), out_dir / "per_class_accuracy.png"))
     curves = draw_curves(history) if history else None
     if curves is not None:
         files.append(_save(curves, out_dir / "training_curves.png"))
