@@ -115,7 +115,7 @@ def draw_reliability(bins: dict[str, np.ndarray], title: str) -> Any:
 def draw_per_class(accs: dict[str, np.ndarray], class_names: Sequence[str]) -> Any:
     n = len(class_names)
     width = min(max(6.0, 0.35 * n * max(len(accs), 1)), 20.0)
-    fig = _figure(width, 4.0, bottom=0.9)
+    fig = _figure(width, 4.0, bottom=0.9 if n > 10 else 0.6)
     ax = fig.subplots()
     step = 0.8 / max(len(accs), 1)
     x = np.arange(n)
@@ -154,6 +154,8 @@ def draw_curves(history: Sequence[dict[str, Any]]) -> Any | None:
     top1 = sorted({k for row in history for k in row if k.endswith("/top1")})
     if not losses and not top1:
         return None
+    from matplotlib.ticker import MaxNLocator
+
     fig = _figure(11.0, 4.0)
     ax_loss, ax_top1 = fig.subplots(1, 2)
     for ax, keys in ((ax_loss, losses), (ax_top1, top1)):
@@ -162,6 +164,7 @@ def draw_curves(history: Sequence[dict[str, Any]]) -> Any | None:
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker="o", ms=3, label=key)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if keys:
             ax.legend(fontsize=8)
     ax_loss.set(ylabel="mean over the epoch's steps", title="training loss terms")
@@ -172,9 +175,10 @@ def draw_curves(history: Sequence[dict[str, Any]]) -> Any | None:
 def draw_feature_norms(norms: dict[str, Tensor], title: str) -> Any:
     fig = _figure(6.0, 4.0)
     ax = fig.subplots()
+    edges = np.histogram_bin_edges(torch.cat(list(norms.values())).double().numpy(), bins=60)
     for name, values in norms.items():
         v = values.double().numpy()
-        ax.hist(v, bins=50, alpha=0.5, label=f"{name} (mean {v.mean():.2f}, std {v.std():.2f})")
+        ax.hist(v, bins=edges, alpha=0.5, label=f"{name} (mean {v.mean():.2f}, std {v.std():.2f})")
     ax.set(xlabel="L2 norm of the penultimate feature", ylabel="samples", title=title)
     ax.legend(fontsize=8)
     return fig

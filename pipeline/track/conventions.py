@@ -3,10 +3,14 @@
 - source and git tags (``mlflow.source.name`` / ``.type`` / ``.git.commit`` / ``.git.branch``,
   ``mlflow.user``, ``mlflow.runName``) and ``mlflow.note.content``, the run's one-line
   description (shown in the UI as the run's description);
-- ``mlflow.experimentKind = custom_model_development`` on our experiments: MLflow 3's UI opens
-  such an experiment on its runs table instead of the GenAI view (traces). The tag and value are
-  those of the UI bundled with MLflow 3.17 (``ExperimentKind.CUSTOM_MODEL_DEVELOPMENT``); the
-  Python package defines no constant for them;
+- ``mlflow.experimentKind = custom_model_development`` on our experiments: the kind MLflow 3's UI
+  writes itself when a user picks "model training" for an experiment, and reads to open it on its
+  runs table instead of the GenAI view (traces). The tag and value are those of the UI bundled
+  with MLflow 3.17 (``ExperimentKind.CUSTOM_MODEL_DEVELOPMENT``; the Python package defines no
+  constant). MLflow 3.17.2's UI, though, takes the view from its own "GenAI | Model training"
+  switch (remembered by the browser, GenAI by default) and ignores the tag while that switch is
+  shown, so links we print carry ``UI_QUERY`` (``?workflowType=machine_learning``), which sets
+  the switch to model training;
 - dataset inputs: each split a run reads as an ``mlflow.data`` ``MetaDataset`` (no data is
   copied) with context ``training`` or ``evaluation``. Its digest is our dataset fingerprint
   (``DatasetIndex.fingerprint``, sha256) cut to the 36 characters MLflow's stores allow; the
@@ -29,6 +33,7 @@ from typing import Any
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
+UI_QUERY = "workflowType=machine_learning"  # MLflow 3.17 UI: the "Model training" view
 DIGEST_CHARS = 36  # MAX_DATASET_DIGEST_SIZE of mlflow.utils.validation
 TRAINING, EVALUATION = "training", "evaluation"
 _ROOT = Path(__file__).resolve().parents[2]
@@ -112,4 +117,4 @@ def dataset_input(index: Any, context: str, image_size: int | None = None) -> di
 
 
 __all__ = ["DIGEST_CHARS", "EVALUATION", "EXPERIMENT_KIND", "EXPERIMENT_KIND_TAG", "TRAINING",
-           "dataset_input", "git_commit", "run_description", "source_tags"]
+           "UI_QUERY", "dataset_input", "git_commit", "run_description", "source_tags"]

@@ -31,7 +31,7 @@ from pipeline.track.buffer import (
     fail_fast_http,
     load_ids,
 )
-from pipeline.track.conventions import git_commit, source_tags
+from pipeline.track.conventions import UI_QUERY, git_commit, source_tags
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,7 @@ class Tracker:
         self.spec = spec
         self.enabled = enabled and spec.enabled
         self.run_id: str | None = None
+        self.experiment_id: str | None = None
         self.client = None
         self.run_dir = run_dir
         self.retry_after_s = retry_after_s
@@ -182,6 +183,7 @@ class Tracker:
         start_time = now_ms()
         try:
             exp = experiment_id(self.client, self.spec.experiment, self._artifact_location())
+            self.experiment_id = exp
             run = self.client.create_run(
                 exp, start_time=start_time, tags=all_tags, run_name=run_name
             )
@@ -196,6 +198,21 @@ class Tracker:
             })
         self._send("params", params=flatten(params))
         return self.run_id
+
+    def run_url(self) -> str | None:
+        """The run's page in the UI of an HTTP tracking server (in its model-training view),
+        else None."""
+        if not (self.enabled and self.run_id and self.uri.startswith(("http://", "https://"))):
+            return None
+        if self.run_id.startswith(PENDING):
+            return None
+        exp = self.experiment_id
+        if exp is None:
+            try:
+                exp = self.client.get_run(self.run_id).info.experiment_id
+            except Exception:  # the server is gone: no link
+                return None
+        return f"{self.uri.rstrip('/')}/#/experiments/{exp}/runs/{self.run_id}?{UI_QUERY}"
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if not self.enabled or self.run_id is None:
