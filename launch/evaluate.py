@@ -118,6 +118,7 @@ def track(spec: Any, result: dict[str, Any], out: Path, enabled: bool,
                            description=note)
     tracker.log_inputs([dataset_input(i, EVALUATION, spec.data.image_size)
                         for i in (indices or {}).values()])
+    tracker.log_model_inputs(result.get("evaluated_run_id"))
     metrics = {f"{s}/{k}": v for s, m in result["splits"].items() for k, v in m.items()}
     tracker.log_metrics(metrics, 0)
     for f in plots or []:

@@ -156,10 +156,29 @@ def test_evaluation_run_has_its_inputs_and_plots(server: Server, finished: dict)
     assert run.data.tags["mlflow.note.content"].startswith("evaluation: student resnet8")
     [ds] = run.inputs.dataset_inputs
     assert ds.dataset.name == "demo/test_unbiased"
+    trained = client.get_run(finished["run_id"]).outputs.model_outputs
+    assert [m.model_id for m in run.inputs.model_inputs] == [m.model_id for m in trained]
     assert [t.value for t in ds.tags] == ["evaluation"]
     logged = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert logged == {"plots/reliability_test_unbiased.png", "plots/confusion_test_unbiased.png",
                       "plots/feature_norms_test_unbiased.png", "plots/per_class_accuracy.png"}
+
+
+def test_teacher_models_as_model_inputs(server: Server, finished: dict, tmp_path: Path) -> None:
+    """The lineage tag teacher_run_id has MLflow 3's form too: the teacher run's logged model
+    as a model input; a run id the store does not know is skipped without an outage."""
+    tracker = Tracker(TrackingSpec(uri=server.uri, experiment="conventions"), enabled=True,
+                      run_dir=tmp_path)
+    run_id = tracker.start("student", {}, {"teacher_run_id": finished["run_id"]})
+    tracker.log_model_inputs(finished["run_id"])
+    tracker.log_model_inputs("0123456789abcdef0123456789abcdef")  # not in this store
+    tracker.finish("FINISHED")
+    assert not tracker.offline and not (tmp_path / BUFFER_NAME).exists()
+    client = _client(server.uri)
+    trained = client.get_run(finished["run_id"]).outputs.model_outputs
+    assert len(trained) == 1
+    got = client.get_run(run_id).inputs.model_inputs
+    assert [m.model_id for m in got] == [trained[0].model_id]
 
 
 def test_inputs_and_model_kept_through_an_outage(server: Server, demo_root: Path,

@@ -11,6 +11,7 @@ timestamps, so sending a record twice stores nothing twice: MLflow drops exact d
      context}]}                                         (dataset inputs, conventions.dataset_input)
     {"op": "model", ..., "state": "/abs/student.pt", "arch": ..., "num_classes": ...,
      "image_size": ..., "name": "model"}                (a logged model, model_log.log_network)
+    {"op": "model_inputs", ..., "source_run_id": ...}   (that run's logged models as inputs)
     {"op": "status", ..., "status": "RUNNING"}             (a resumed run)
     {"op": "terminated", ..., "status": "FINISHED", "end_time": ms}
     {"op": "create_run", ..., "run_id": "pending-<hex>", "experiment": ..., "run_name": ...,
@@ -137,6 +138,24 @@ def _log_inputs(client: Any, run_id: str, datasets: list[dict[str, Any]]) -> Non
     client.log_inputs(run_id, datasets=inputs)
 
 
+def _log_model_inputs(client: Any, run_id: str, source_run_id: str) -> None:
+    """The logged models of run ``source_run_id`` (a teacher's training run, an evaluated run)
+    as model inputs of ``run_id``: MLflow 3's lineage between runs. Nothing when that run is
+    not in this tracking store or has no logged model."""
+    from mlflow.entities import LoggedModelInput
+    from mlflow.exceptions import MlflowException
+
+    try:
+        source = client.get_run(source_run_id)
+    except MlflowException as err:
+        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return
+        raise
+    outputs = source.outputs.model_outputs if source.outputs is not None else []
+    if outputs:
+        client.log_inputs(run_id, models=[LoggedModelInput(o.model_id) for o in outputs])
+
+
 def apply_record(client: Any, record: dict[str, Any], ids: dict[str, str]) -> None:
     """Send one record through ``client`` (an ``MlflowClient``); ``ids`` maps pending run ids."""
     from mlflow.entities import Metric, Param, RunTag
@@ -169,6 +188,8 @@ def apply_record(client: Any, record: dict[str, Any], ids: dict[str, str]) -> No
         from pipeline.track.model_log import log_network
 
         log_network(client, record, run_id)
+    elif op == "model_inputs":
+        _log_model_inputs(client, run_id, record["source_run_id"])
     elif op == "status":
         client.update_run(run_id, status=record["status"])
     elif op == "terminated":

@@ -5,11 +5,15 @@ Only the main process logs. The embedded default is ``sqlite:///<cwd>/mlruns.db`
 default artifact location is relative to the current directory); ``MLFLOW_TRACKING_URI`` or
 ``tracking.uri`` points runs at a server instead. A resumed run continues the same MLflow run.
 
+New runs carry MLflow's own source, git and note tags and their splits as dataset inputs, and
+experiments are created as model-training experiments (``pipeline.track.conventions``); the
+trained network becomes the run's MLflow model (``pipeline.track.model_log``).
+
 A tracking outage never stops training: every call (run creation, params, metrics, tags, artifacts,
-status) that fails is kept in memory and appended to ``<run_dir>/mlflow_buffer.jsonl``
-(``pipeline.track.buffer``), with one warning per outage. While the server is down, calls go
-straight to the buffer and the server is tried again every ``retry_after_s``; what it missed is
-sent later by ``python tools/mlflow_resend.py <run_dir>``.
+dataset inputs, the model, status) that fails is kept in memory and appended to
+``<run_dir>/mlflow_buffer.jsonl`` (``pipeline.track.buffer``), with one warning per outage. While
+the server is down, calls go straight to the buffer and the server is tried again every
+``retry_after_s``; what it missed is sent later by ``python tools/mlflow_resend.py <run_dir>``.
 """
 
 from __future__ import annotations
@@ -232,6 +236,13 @@ class Tracker:
         """Dataset inputs (``conventions.dataset_input`` records), buffered like every call."""
         if self.enabled and self.run_id and datasets:
             self._send("inputs", datasets=datasets)
+
+    def log_model_inputs(self, source_run_id: str | None) -> None:
+        """The logged models of run ``source_run_id`` (the teacher's training run, say) as model
+        inputs of this run, MLflow 3's form of the lineage our ``teacher_run_id`` tag records."""
+        if self.enabled and self.run_id and source_run_id and not source_run_id.startswith(
+                PENDING):
+            self._send("model_inputs", source_run_id=source_run_id)
 
     def log_model(self, state: Path, arch: str, num_classes: int, image_size: int,
                   name: str = "model") -> bool:

@@ -290,6 +290,7 @@ class Trainer:
         if ckpt is None and self.tracker.enabled:
             self.tracker.log_inputs(dataset_inputs(spec, self.parts.train_index,
                                                    self.parts.eval_indices))
+            self.tracker.log_model_inputs(tags.get("teacher_run_id"))
         if self.acc.is_main_process:
             position = (ckpt["epoch"], ckpt["step"]) if ckpt else (0, 0)
             record_config(self.run_dir, self.resume_plan, position, self.tracker)
