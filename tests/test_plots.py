@@ -133,12 +133,14 @@ def test_finished_cid_run_draws_every_plot(demo_root: Path, teacher_ckpt: Path,
         f"data.root={demo_root}", "teacher.arch=resnet8", f"teacher.weights={teacher_ckpt}",
         "optim.epochs=2", "optim.milestones=[]", "method.warmup_epochs=1",
         "train.max_steps_per_epoch=3", "train.log_every_steps=2", "train.progress=false",
-        "tracking.enabled=false", "data.eval_splits=[test_unbiased]", f"run_dir={run_dir}"])
+        "tracking.enabled=false", "data.eval_splits=[test_unbiased,test_biased]",
+        f"run_dir={run_dir}"])
     trainer = Trainer(spec)
     trainer.fit()
     plots = run_dir / "plots"
-    names = {"reliability_test_unbiased.png", "confusion_test_unbiased.png",
-             "feature_norms_test_unbiased.png", "per_class_accuracy.png", "training_curves.png"}
+    names = {f"{kind}_{split}.png" for kind in ("reliability", "confusion", "feature_norms")
+             for split in ("test_unbiased", "test_biased")}
+    names |= {"per_class_accuracy.png", "training_curves.png"}
     assert {p.name for p in plots.iterdir()} == names
     assert all(_is_png(plots / n) for n in names)
 
@@ -166,3 +168,5 @@ def test_finished_cid_run_draws_every_plot(demo_root: Path, teacher_ckpt: Path,
     for name, parts in norms.items():
         torch.testing.assert_close(out.values[name], torch.cat(parts), rtol=1e-4, atol=1e-4)
     assert len(out.labels) == len(index)
+    # the teacher's norms cost a teacher pass: on the first evaluation split only
+    assert set(trainer.final_outputs["test_biased"].values) == {"student"}

@@ -7,8 +7,9 @@ the evaluation metrics (``<split>/top1`` ...). The means come from the values th
 reads at its logging steps, so they cost no extra device sync; an epoch resumed from a mid-epoch
 checkpoint averages the steps after the resume only. Initial phases (AB's, FT's) are not in it.
 
-The last evaluation keeps each split's logits and the students' (and, when the method reads the
-teacher's embedding, the teacher's) penultimate feature norms; the plots are drawn from those and
+The last evaluation keeps each split's logits and the student's penultimate feature norms (and,
+when the method reads the teacher's embedding, the teacher's on the first evaluation split: one
+extra teacher pass over that split); the plots are drawn from those and
 from ``epochs.json`` (``pipeline.evaluate.plots``), so nothing is run again for them. A run with a
 cached teacher builds the teacher network from ``teacher.weights`` for the norms.
 """

@@ -391,8 +391,9 @@ class Trainer:
         if not last and (epoch + 1) % max(spec.train.eval_every, 1) != 0:
             return row
         self.distiller.eval()
-        predict, extras = self._predictor(last)
+        predictors = self._predictors(last)
         for split, index in self.parts.eval_indices.items():
+            predict, extras = predictors[split == spec.data.eval_splits[0]]
             loader = build_eval_loader(
                 index, spec.data, self.acc.process_index, self.acc.num_processes
             )
@@ -419,15 +420,20 @@ class Trainer:
             )
         return row
 
-    def _predictor(self, last: bool) -> tuple[Any, tuple[str, ...]]:
-        """The evaluation's predict function; the last one also returns feature norms."""
+    def _predictors(self, last: bool) -> dict[bool, tuple[Any, tuple[str, ...]]]:
+        """The evaluation's predict functions for the other splits (False) and the first one
+        (True). The last evaluation also returns feature norms: the student's on every split,
+        the teacher's (an extra teacher pass) on the first split only."""
         distiller = self.acc.unwrap_model(self.distiller)
         if not last:
-            return distiller.predict, ()
+            return {False: (distiller.predict, ()), True: (distiller.predict, ())}
         teacher = norms_teacher(self.spec, self.teacher, distiller.method.needs.teacher_fields,
                                 self.parts.num_classes, self.acc.device)
-        extras = ("student", "teacher") if teacher is not None else ("student",)
-        return (lambda x: distiller.predict_with_norms(x, teacher)), extras
+        student_only = (distiller.predict_with_norms, ("student",))
+        if teacher is None:
+            return {False: student_only, True: student_only}
+        both = (lambda x: distiller.predict_with_norms(x, teacher)), ("student", "teacher")
+        return {False: student_only, True: both}
 
     def _update_best(self, row: dict, epoch: int) -> None:
         key = f"{self.spec.data.eval_splits[0]}/top1"
