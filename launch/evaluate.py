@@ -20,7 +20,10 @@ trainer logs, over every sample of each split once, whatever the number of proce
 Writes ``--out`` (default ``<weights folder>/evaluations/<arch>-<weights name>.json``) and, unless
 ``--no-tracking`` or ``tracking.enabled: false``, an MLflow run tagged ``run_kind=evaluation``
 with the metrics under their training names (``<split>/top1`` ...), linked to the training run
-of the weights when ``run_info.json`` lies beside them (tag ``evaluated_run_id``).
+of the weights when ``run_info.json`` lies beside them (tag ``evaluated_run_id``), the splits as
+dataset inputs (context ``evaluation``) and the plots of ``pipeline/evaluate/plots.py``
+(reliability, per-class accuracy, confusion matrix, the network's feature norms), which are
+also written to ``<out without .json>.plots/``.
 Exit status: 0 done, 2 config error or missing files.
 """
 
@@ -89,8 +92,10 @@ def table(scores: dict[str, dict[str, float]]) -> str:
         f"ECE {m['ece']:.4f}  AURC {m['aurc']:.4f}" for split, m in scores.items())
 
 
-def track(spec: Any, result: dict[str, Any], out: Path, enabled: bool) -> str | None:
+def track(spec: Any, result: dict[str, Any], out: Path, enabled: bool,
+          indices: dict[str, Any] | None = None, plots: list[Path] | None = None) -> str | None:
     """The evaluation as an MLflow run of its own; its id, or None when untracked."""
+    from pipeline.track.conventions import EVALUATION, dataset_input
     from pipeline.track.mlflow_tracker import Tracker
 
     tracker = Tracker(spec.tracking, enabled=enabled, run_dir=out.parent)
@@ -107,9 +112,17 @@ def track(spec: Any, result: dict[str, Any], out: Path, enabled: bool) -> str | 
     tags.update({f"dataset_fingerprint/{s}": f for s, f in result["fingerprints"].items()})
     params = {**asdict(spec), "eval": {"weights": w["source"], "net": result["net"],
                                        "head": result["head"], "splits": result["splits"]}}
-    run_id = tracker.start(f"evaluate {result['arch']} {Path(w['source']).name}", params, tags)
+    note = (f"evaluation: {result['net']} {result['arch']} ({Path(w['source']).name}, "
+            f"{result['head']} head) on {spec.data.dataset} {', '.join(result['splits'])}")
+    run_id = tracker.start(f"evaluate {result['arch']} {Path(w['source']).name}", params, tags,
+                           description=note)
+    tracker.log_inputs([dataset_input(i, EVALUATION, spec.data.image_size)
+                        for i in (indices or {}).values()])
+    tracker.log_model_inputs(result.get("evaluated_run_id"))
     metrics = {f"{s}/{k}": v for s, m in result["splits"].items() for k, v in m.items()}
     tracker.log_metrics(metrics, 0)
+    for f in plots or []:
+        tracker.log_artifact(f, "plots")
     result["mlflow_run_id"] = run_id
     write_json(out, result)
     tracker.log_artifact(out)
@@ -159,7 +172,8 @@ def evaluate(spec: Any, args: argparse.Namespace) -> int:
     if acc.device.type == "cpu":
         share_cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes)))
     start = time.perf_counter()
-    scores = score_splits(spec, scorer, indices, acc)
+    outputs: dict[str, Any] = {}
+    scores = score_splits(spec, scorer, indices, acc, outputs)
     result = {
         "config": str(Path(args.run_dir or args.cfg).resolve()), "net": args.net,
         "arch": scorer.arch, "head": scorer.head, "weights": scorer.weights,
@@ -173,7 +187,12 @@ def evaluate(spec: Any, args: argparse.Namespace) -> int:
         out = Path(args.out).resolve() if args.out else default_out(spec, scorer.arch, weights)
         write_json(out, result)
         print(table(scores))
-        run_id = track(spec, result, out, enabled=not args.no_tracking)
+        from pipeline.evaluate.plots import write_plots
+
+        plots = write_plots(out.with_suffix(".plots"), outputs,
+                            list(next(iter(indices.values())).classes))
+        run_id = track(spec, result, out, enabled=not args.no_tracking, indices=indices,
+                       plots=plots)
         if run_id:
             print(f"logged to MLflow run {run_id} (run_kind=evaluation)")
         print(f"wrote {out} ({result['seconds']} s, {acc.num_processes} process(es))")

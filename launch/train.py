@@ -166,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         f"done: best top1 {result.get('best_top1')}, last top1 {result.get('last_top1')} "
         f"→ {trainer.run_dir}"
     )
+    url = trainer.tracker.run_url()
+    if url and trainer.acc.is_main_process:
+        print(f"MLflow run: {url}")
     return 0
 
 

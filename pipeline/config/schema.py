@@ -137,6 +137,9 @@ class TrackingSpec:
     run_name: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
     parent_run_id: str | None = None  # nest this run under another (the study tool's parent)
+    # the trained network as the run's MLflow model (pipeline/track/model_log.py); a torch.export
+    # trace and an upload of the weights at the end of the run
+    log_model: bool = True
 
 
 @dataclass

@@ -27,7 +27,8 @@ from torch import Tensor, nn
 from pipeline.config.errors import ConfigError
 from pipeline.config.schema import RunSpec
 from pipeline.data import DatasetIndex, build_eval_loader, build_train_index, to_device
-from pipeline.evaluate.loop import evaluate_split
+from pipeline.evaluate.loop import SplitOutputs, collect_split
+from pipeline.evaluate.metrics import evaluate_all
 from pipeline.models.base import build_model
 from pipeline.models.weights import load_strict, load_weights, read_state_dict
 
@@ -45,6 +46,9 @@ class Scorer:
     arch: str
     head: str  # "network" or "method"
     weights: dict[str, Any] = field(default_factory=dict)  # source, path, sha256
+    # logits and {role: penultimate L2 norm per sample}, for the feature-norm plot
+    predict_norms: Callable[[Tensor], tuple[Tensor, dict[str, Tensor]]] | None = None
+    norm_names: tuple[str, ...] = ()  # the keys of predict_norms's dict
 
 
 def arch_for(spec: RunSpec, role: Role) -> str:
@@ -87,12 +91,18 @@ def build_scorer(
     if method_state is None:
         net = build_model(arch, num_classes)
         info = load_weights(net, weights)
-        return Scorer(net, lambda x: net(x).logits, arch, "network", info)
+
+        def with_norms(x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+            out = net(x)
+            return out.logits, {role: out.embedding.float().norm(dim=1)}
+
+        return Scorer(net, lambda x: net(x).logits, arch, "network", info, with_norms, (role,))
     distiller = _student_with_method(spec, num_classes, eval_indices or {})
     info = load_weights(distiller.student, weights)
     load_strict(distiller.method, read_state_dict(method_state), str(method_state))
     info["method_state"] = str(method_state)
-    return Scorer(distiller, distiller.predict, arch, "method", info)
+    return Scorer(distiller, distiller.predict, arch, "method", info,
+                  distiller.predict_with_norms, ("student",))
 
 
 def _student_with_method(spec: RunSpec, num_classes: int, evals: dict[str, DatasetIndex]) -> Any:
@@ -112,10 +122,12 @@ def _student_with_method(spec: RunSpec, num_classes: int, evals: dict[str, Datas
 
 @torch.no_grad()
 def score_splits(
-    spec: RunSpec, scorer: Scorer, indices: dict[str, DatasetIndex], acc: Any
+    spec: RunSpec, scorer: Scorer, indices: dict[str, DatasetIndex], acc: Any,
+    outputs: dict[str, SplitOutputs] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Every metric of every split in ``indices``, on ``acc``'s device and processes (an
-    ``accelerate.Accelerator``: its autocast, process index and count)."""
+    ``accelerate.Accelerator``: its autocast, process index and count). ``outputs``, when
+    given, receives each split's logits and feature norms (for the plots)."""
     d, channels_last = spec.data, spec.train.channels_last
     module = scorer.module.to(acc.device).eval()
     if channels_last:
@@ -124,11 +136,18 @@ def score_splits(
     def prepare(batch: Any) -> Any:
         return to_device(batch, acc.device, d.mean, d.std, channels_last)
 
+    predict: Any = scorer.predict
+    extras: tuple[str, ...] = ()
+    if outputs is not None and scorer.predict_norms is not None:
+        predict, extras = scorer.predict_norms, scorer.norm_names
     out: dict[str, dict[str, float]] = {}
     for split, index in indices.items():
         loader = build_eval_loader(index, d, acc.process_index, acc.num_processes)
         with acc.autocast():
-            out[split] = evaluate_split(scorer.predict, loader, prepare, acc.device)
+            kept = collect_split(predict, loader, prepare, acc.device, extras)
+        out[split] = evaluate_all(kept.logits, kept.labels)
+        if outputs is not None:
+            outputs[split] = kept
     return out
 
 

@@ -7,6 +7,11 @@ timestamps, so sending a record twice stores nothing twice: MLflow drops exact d
     {"op": "metrics", "uri": ..., "run_id": ..., "metrics": [[key, value, timestamp_ms, step], ...]}
     {"op": "params" | "tags", ..., "params" | "tags": {key: value}}
     {"op": "artifact", ..., "path": "/abs/file", "artifact_path": null}
+    {"op": "inputs", ..., "datasets": [{name, digest, source, source_type, schema, profile,
+     context}]}                                         (dataset inputs, conventions.dataset_input)
+    {"op": "model", ..., "state": "/abs/student.pt", "arch": ..., "num_classes": ...,
+     "image_size": ..., "name": "model"}                (a logged model, model_log.log_network)
+    {"op": "model_inputs", ..., "source_run_id": ...}   (that run's logged models as inputs)
     {"op": "status", ..., "status": "RUNNING"}             (a resumed run)
     {"op": "terminated", ..., "status": "FINISHED", "end_time": ms}
     {"op": "create_run", ..., "run_id": "pending-<hex>", "experiment": ..., "run_name": ...,
@@ -102,17 +107,53 @@ def save_ids(run_dir: Path, ids: dict[str, str]) -> None:
 
 
 def experiment_id(client: Any, name: str, artifact_location: str | None) -> str:
-    """The id of experiment ``name``, created (with that artifact location) if missing."""
+    """The id of experiment ``name``, created (with that artifact location) if missing, and
+    marked as a model-training experiment unless it already has a kind (conventions.py)."""
+    from pipeline.track.conventions import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
+
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
+    if exp is None:
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location,
+                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        except Exception:  # created meanwhile by another run: use it
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if EXPERIMENT_KIND_TAG not in exp.tags:
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return exp.experiment_id
+
+
+def _log_inputs(client: Any, run_id: str, datasets: list[dict[str, Any]]) -> None:
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    inputs = [
+        DatasetInput(Dataset(d["name"], d["digest"], d["source_type"], d["source"],
+                             d.get("schema"), d.get("profile")),
+                     tags=[InputTag(MLFLOW_DATASET_CONTEXT, d["context"])])
+        for d in datasets
+    ]
+    client.log_inputs(run_id, datasets=inputs)
+
+
+def _log_model_inputs(client: Any, run_id: str, source_run_id: str) -> None:
+    """The logged models of run ``source_run_id`` (a teacher's training run, an evaluated run)
+    as model inputs of ``run_id``: MLflow 3's lineage between runs. Nothing when that run is
+    not in this tracking store or has no logged model."""
+    from mlflow.entities import LoggedModelInput
+    from mlflow.exceptions import MlflowException
+
     try:
-        return client.create_experiment(name, artifact_location=artifact_location)
-    except Exception:  # created meanwhile by another run: use it
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+        source = client.get_run(source_run_id)
+    except MlflowException as err:
+        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return
+        raise
+    outputs = source.outputs.model_outputs if source.outputs is not None else []
+    if outputs:
+        client.log_inputs(run_id, models=[LoggedModelInput(o.model_id) for o in outputs])
 
 
 def apply_record(client: Any, record: dict[str, Any], ids: dict[str, str]) -> None:
@@ -141,6 +182,14 @@ def apply_record(client: Any, record: dict[str, Any], ids: dict[str, str]) -> No
         client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in record["tags"].items()])
     elif op == "artifact":
         client.log_artifact(run_id, record["path"], record.get("artifact_path"))
+    elif op == "inputs":
+        _log_inputs(client, run_id, record["datasets"])
+    elif op == "model":
+        from pipeline.track.model_log import log_network
+
+        log_network(client, record, run_id)
+    elif op == "model_inputs":
+        _log_model_inputs(client, run_id, record["source_run_id"])
     elif op == "status":
         client.update_run(run_id, status=record["status"])
     elif op == "terminated":

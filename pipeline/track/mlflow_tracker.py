@@ -5,18 +5,21 @@ Only the main process logs. The embedded default is ``sqlite:///<cwd>/mlruns.db`
 default artifact location is relative to the current directory); ``MLFLOW_TRACKING_URI`` or
 ``tracking.uri`` points runs at a server instead. A resumed run continues the same MLflow run.
 
+New runs carry MLflow's own source, git and note tags and their splits as dataset inputs, and
+experiments are created as model-training experiments (``pipeline.track.conventions``); the
+trained network becomes the run's MLflow model (``pipeline.track.model_log``).
+
 A tracking outage never stops training: every call (run creation, params, metrics, tags, artifacts,
-status) that fails is kept in memory and appended to ``<run_dir>/mlflow_buffer.jsonl``
-(``pipeline.track.buffer``), with one warning per outage. While the server is down, calls go
-straight to the buffer and the server is tried again every ``retry_after_s``; what it missed is
-sent later by ``python tools/mlflow_resend.py <run_dir>``.
+dataset inputs, the model, status) that fails is kept in memory and appended to
+``<run_dir>/mlflow_buffer.jsonl`` (``pipeline.track.buffer``), with one warning per outage. While
+the server is down, calls go straight to the buffer and the server is tried again every
+``retry_after_s``; what it missed is sent later by ``python tools/mlflow_resend.py <run_dir>``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -32,6 +35,7 @@ from pipeline.track.buffer import (
     fail_fast_http,
     load_ids,
 )
+from pipeline.track.conventions import UI_QUERY, git_commit, source_tags
 
 log = logging.getLogger(__name__)
 
@@ -55,17 +59,6 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
-def git_commit() -> str:
-    try:
-        root = Path(__file__).resolve().parents[2]
-        out = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
-        )
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -87,6 +80,7 @@ class Tracker:
         self.spec = spec
         self.enabled = enabled and spec.enabled
         self.run_id: str | None = None
+        self.experiment_id: str | None = None
         self.client = None
         self.run_dir = run_dir
         self.retry_after_s = retry_after_s
@@ -160,8 +154,12 @@ class Tracker:
         tags: dict[str, str],
         resume_run_id: str | None = None,
         parent_run_id: str | None = None,
+        description: str | None = None,
     ) -> str | None:
-        """Start (or resume) the run; returns its id (``pending-…`` if the server was down)."""
+        """Start (or resume) the run; returns its id (``pending-…`` if the server was down).
+
+        A new run gets MLflow's source, git and user tags and ``description`` (default: the run
+        name) as its note (``conventions.source_tags``) besides ``tags``."""
         if not self.enabled:
             return None
         assert self.client is not None
@@ -182,12 +180,14 @@ class Tracker:
             self._send("status", status="RUNNING")
             self._send("tags", tags={"resumed": "true"})
             return self.run_id
-        all_tags = {"git_commit": git_commit(), **self.spec.tags, **tags}
+        all_tags = {"git_commit": git_commit(), **source_tags(run_name, description or run_name),
+                    **self.spec.tags, **tags}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
         start_time = now_ms()
         try:
             exp = experiment_id(self.client, self.spec.experiment, self._artifact_location())
+            self.experiment_id = exp
             run = self.client.create_run(
                 exp, start_time=start_time, tags=all_tags, run_name=run_name
             )
@@ -203,6 +203,21 @@ class Tracker:
         self._send("params", params=flatten(params))
         return self.run_id
 
+    def run_url(self) -> str | None:
+        """The run's page in the UI of an HTTP tracking server (in its model-training view),
+        else None."""
+        if not (self.enabled and self.run_id and self.uri.startswith(("http://", "https://"))):
+            return None
+        if self.run_id.startswith(PENDING):
+            return None
+        exp = self.experiment_id
+        if exp is None:
+            try:
+                exp = self.client.get_run(self.run_id).info.experiment_id
+            except Exception:  # the server is gone: no link
+                return None
+        return f"{self.uri.rstrip('/')}/#/experiments/{exp}/runs/{self.run_id}?{UI_QUERY}"
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if not self.enabled or self.run_id is None:
             return
@@ -216,6 +231,55 @@ class Tracker:
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         if self.enabled and self.run_id and path.exists():
             self._send("artifact", path=str(Path(path).resolve()), artifact_path=artifact_path)
+
+    def log_inputs(self, datasets: list[dict[str, Any]]) -> None:
+        """Dataset inputs (``conventions.dataset_input`` records), buffered like every call."""
+        if self.enabled and self.run_id and datasets:
+            self._send("inputs", datasets=datasets)
+
+    def log_model_inputs(self, source_run_id: str | None) -> None:
+        """The logged models of run ``source_run_id`` (the teacher's training run, say) as model
+        inputs of this run, MLflow 3's form of the lineage our ``teacher_run_id`` tag records."""
+        if self.enabled and self.run_id and source_run_id and not source_run_id.startswith(
+                PENDING):
+            self._send("model_inputs", source_run_id=source_run_id)
+
+    def log_model(self, state: Path, arch: str, num_classes: int, image_size: int,
+                  name: str = "model") -> bool:
+        """The network ``arch`` with the state dict file ``state`` as the run's MLflow model
+        (``model_log.log_network``); True when logged now.
+
+        Kept in the buffer when the server is down (the resend tool logs it from ``state``
+        later). A failure while the server answers (the network cannot be exported, say) is
+        reported once and the run goes on without the model.
+        """
+        if not (self.enabled and self.run_id):
+            return False
+        payload = {"state": str(Path(state).resolve()), "arch": arch,
+                   "num_classes": int(num_classes), "image_size": int(image_size), "name": name}
+        record = {"op": "model", "uri": self.uri, "run_id": self.run_id, **payload}
+        if self.run_id.startswith(PENDING) or self.offline:
+            self._send("model", **payload)
+            return False
+        try:
+            apply_record(self.client, record, {})
+            return True
+        except Exception as err:  # an outage, or a network MLflow cannot take: never fatal
+            if self._server_answers():
+                log.warning("WARNING: %s could not be logged as an MLflow model (%s: %s); the "
+                            "run has no logged model", state, type(err).__name__,
+                            str(err).splitlines()[0][:300] if str(err) else "")
+                return False
+            self._go_offline("model", err)
+            self.buffer.add(record)
+            return False
+
+    def _server_answers(self) -> bool:
+        try:
+            self.client.get_run(self.run_id)
+            return True
+        except Exception:
+            return False
 
     def finish(self, status: str = "FINISHED") -> None:
         if not (self.enabled and self.run_id):

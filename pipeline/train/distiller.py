@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import Tensor, nn
 
 from pipeline.distill.base import Method
@@ -36,3 +38,14 @@ class Distiller(nn.Module):
     def predict(self, images: Tensor) -> Tensor:
         out = self.student(images)
         return self.method.eval_logits(out)
+
+    def predict_with_norms(
+        self, images: Tensor, teacher: Callable[[Tensor], ModelOutput] | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """``predict``'s logits and the L2 norms of the penultimate embeddings of the student
+        and (given its network) the teacher, per sample: the inputs of CID Fig. 2's plot."""
+        out = self.student(images)
+        norms = {"student": out.embedding.float().norm(dim=1)}
+        if teacher is not None:
+            norms["teacher"] = teacher(images).embedding.float().norm(dim=1)
+        return self.method.eval_logits(out), norms

@@ -21,9 +21,11 @@ from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwar
 from pipeline.config.schema import RunSpec
 from pipeline.data import AugPlan, build_eval_loader, build_train_loader, to_device
 from pipeline.distill.compose import mark_rank_local_buffers
-from pipeline.evaluate.loop import evaluate_split
+from pipeline.evaluate.loop import SplitOutputs, collect_split
+from pipeline.evaluate.metrics import evaluate_all
 from pipeline.teacher.online import teacher_run_id
 from pipeline.threads import share_cpu_threads
+from pipeline.track.conventions import run_description
 from pipeline.track.mlflow_tracker import Tracker
 from pipeline.train.bad_samples import BadSampleReport
 from pipeline.train.build import build_data, build_parts
@@ -42,6 +44,13 @@ from pipeline.train.optim import build_optimizer
 from pipeline.train.phases import EpochPhase, PhasePlan, phase_optimizer
 from pipeline.train.progress import Progress
 from pipeline.train.resume_guard import check_resume, record_config
+from pipeline.train.run_end import (
+    EpochMeans,
+    dataset_inputs,
+    finish_outputs,
+    norms_teacher,
+    write_history,
+)
 from pipeline.train.schedule import set_lr
 from pipeline.train.signals import STOP
 from pipeline.types import Batch
@@ -114,6 +123,9 @@ class Trainer:
         self.stop = STOP
         self.best: dict[str, Any] = {}
         self.history: list[dict[str, Any]] = []
+        self.epoch_rows: list[dict[str, Any]] = []  # <run_dir>/epochs.json (run_end.py)
+        self.epoch_means = EpochMeans()
+        self.final_outputs: dict[str, SplitOutputs] = {}
         self.bad_report = BadSampleReport(self.run_dir)
 
     # -- data -------------------------------------------------------------------------------
@@ -163,6 +175,7 @@ class Trainer:
             "updates": updates,
             "best": self.best,
             "history": self.history,
+            "epoch_rows": self.epoch_rows,
             "mlflow_run_id": self.tracker.run_id,
             "world_size": self.acc.num_processes,
         }
@@ -198,6 +211,7 @@ class Trainer:
             self._restore(ckpt)
             epoch, step, updates = ckpt["epoch"], ckpt["step"], ckpt["updates"]
             self.best, self.history = ckpt["best"], ckpt["history"]
+            self.epoch_rows = ckpt.get("epoch_rows", [])
             self.bad_report.restore(ckpt.get("bad_samples", []),
                                     [(spec.data.train_split, self.parts.train_index),
                                      *self.parts.eval_indices.items()])
@@ -221,10 +235,14 @@ class Trainer:
                     self.parts.method.end_epoch(at.local)
                 self.bad_report.update(spec.data.train_split, self.parts.train_index, acc,
                                        self.tracker, (epoch + 1) * self.steps_per_epoch)
+                train_means = self.epoch_means.pop()
                 if at.is_main:  # nothing is evaluated during an initial phase
                     row = self._evaluate(at.local)
                     self.history.append(row)
                     self._update_best(row, at.local)
+                    self.epoch_rows.append({**row, **train_means})
+                    if acc.is_main_process:
+                        write_history(self.run_dir, self.epoch_rows)
                 epoch, step = epoch + 1, 0
                 self.save(epoch, 0, updates)
             return self._finish(updates)
@@ -258,7 +276,12 @@ class Trainer:
             tags,
             resume_run_id=ckpt.get("mlflow_run_id") if ckpt else None,
             parent_run_id=spec.tracking.parent_run_id,
+            description=run_description(spec, len(self.parts.train_index)),
         )
+        if ckpt is None and self.tracker.enabled:
+            self.tracker.log_inputs(dataset_inputs(spec, self.parts.train_index,
+                                                   self.parts.eval_indices))
+            self.tracker.log_model_inputs(tags.get("teacher_run_id"))
         if self.acc.is_main_process:
             position = (ckpt["epoch"], ckpt["step"]) if ckpt else (0, 0)
             record_config(self.run_dir, self.resume_plan, position, self.tracker)
@@ -325,6 +348,7 @@ class Trainer:
             if count and (step % spec.train.log_every_steps == 0 or step == total):
                 rate = seen / (time.perf_counter() - t0)
                 means = {k: float(v) / count for k, v in sums.items()}
+                self.epoch_means.add(means, count)
                 progress.update(means, rate)
                 logged = {f"{prefix}train/{k}": v for k, v in means.items()}
                 self.tracker.log_metrics(
@@ -358,13 +382,17 @@ class Trainer:
         if not last and (epoch + 1) % max(spec.train.eval_every, 1) != 0:
             return row
         self.distiller.eval()
-        predict = self.acc.unwrap_model(self.distiller).predict
+        predictors = self._predictors(last)
         for split, index in self.parts.eval_indices.items():
+            predict, extras = predictors[split == spec.data.eval_splits[0]]
             loader = build_eval_loader(
                 index, spec.data, self.acc.process_index, self.acc.num_processes
             )
             with self.acc.autocast():
-                metrics = evaluate_split(predict, loader, self._prepare, self.acc.device)
+                out = collect_split(predict, loader, self._prepare, self.acc.device, extras)
+            metrics = evaluate_all(out.logits, out.labels)
+            if last:  # kept for the plots of the run's end
+                self.final_outputs[split] = out
             for k, v in metrics.items():
                 row[f"{split}/{k}"] = v
             self.bad_report.update(split, index, self.acc, self.tracker, step)
@@ -383,10 +411,38 @@ class Trainer:
             )
         return row
 
+    def _predictors(self, last: bool) -> dict[bool, tuple[Any, tuple[str, ...]]]:
+        """The evaluation's predict functions for the other splits (False) and the first one
+        (True). The last evaluation also returns feature norms: the student's on every split,
+        the teacher's (an extra teacher pass) on the first split only."""
+        distiller = self.acc.unwrap_model(self.distiller)
+        if not last:
+            return {False: (distiller.predict, ()), True: (distiller.predict, ())}
+        teacher = norms_teacher(self.spec, self.teacher, distiller.method.needs.teacher_fields,
+                                self.parts.num_classes, self.acc.device)
+        student_only = (distiller.predict_with_norms, ("student",))
+        if teacher is None:
+            return {False: student_only, True: student_only}
+        both = (lambda x: distiller.predict_with_norms(x, teacher)), ("student", "teacher")
+        return {False: student_only, True: both}
+
     def _update_best(self, row: dict, epoch: int) -> None:
         key = f"{self.spec.data.eval_splits[0]}/top1"
         if key in row and row[key] > self.best.get(key, -1.0):
             self.best = {**row, "best_epoch": epoch + 1}
+
+    def _end_outputs(self) -> dict[str, float]:
+        """Plots, epoch history and the logged model (main process); their cost in seconds."""
+        spec = self.spec
+        history = write_history(self.run_dir, self.epoch_rows)
+        self.tracker.log_artifact(history)
+        model = None
+        if spec.tracking.log_model:
+            model = {"state": self.run_dir / "student.pt", "arch": spec.model.arch,
+                     "num_classes": self.parts.num_classes, "image_size": spec.data.image_size}
+        classes = list(self.parts.train_index.classes)
+        return finish_outputs(self.run_dir, self.final_outputs, classes, self.epoch_rows,
+                              self.tracker, model)
 
     def _finish(self, updates: int) -> dict[str, Any]:
         acc, best = self.acc, self.best
@@ -418,9 +474,10 @@ class Trainer:
             if method_state:
                 atomic_save(method_state, self.run_dir / "method.pt")
             metrics_file = self.run_dir / "metrics.json"
-            metrics_file.write_text(json.dumps(final, indent=2))
             summary = {f"best/{k}": v for k, v in best.items() if isinstance(v, (int, float))}
             self.tracker.log_metrics(summary, self.phases.total_epochs * self.steps_per_epoch)
+            final["end_costs"] = self._end_outputs()
+            metrics_file.write_text(json.dumps(final, indent=2))
             self.tracker.log_artifact(metrics_file)
             self.tracker.finish("FINISHED")
         acc.wait_for_everyone()
