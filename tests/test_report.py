@@ -211,3 +211,23 @@ def test_html_page_opens_in_chromium_with_every_image_loaded(store: dict, tmp_pa
     assert len(widths) == page.read_text().count("<img ") == 2
     assert all(w > 0 for w in widths), widths
 
+
+
+@pytest.mark.parametrize("cfg, label", [
+    ("configs/cifar100/wrn_40_2_wrn_16_2_fitnet_kd.yaml", "fitnet+kd"),
+    ("configs/cifar100/wrn_40_2_wrn_16_2_sp_kd_intervention.yaml", "cid.intervention+sp+kd"),
+    ("configs/demo/cid.yaml", "cid"),
+    ("configs/demo/teacher_mse.yaml", "vanilla-mse"),
+])
+def test_method_label_from_config_equals_label_from_mlflow_params(cfg: str, label: str) -> None:
+    """A study tags runs with the config's label; a report of untagged runs derives it from the
+    params the trainer logs (the flattened config): both spellings agree."""
+    from dataclasses import asdict
+
+    from pipeline.catalog import load_run_config
+    from pipeline.evaluate.labels import method_from_params, method_label
+    from pipeline.track.mlflow_tracker import flatten
+
+    spec = load_run_config(ROOT / cfg, check_paths=False)
+    assert method_label(spec.method) == label
+    assert method_label(method_from_params(flatten(asdict(spec)))) == label

@@ -122,12 +122,21 @@ def plan_jobs(study: Study, args: argparse.Namespace, out: Path) -> list[Job]:
     return jobs
 
 
+def _exists(tracker: Tracker, record: dict) -> bool:
+    """The recorded parent run is still in the store (a deleted store gets a new parent)."""
+    try:
+        tracker.client.get_run(record["parent_run_id"])  # type: ignore[union-attr]
+    except Exception:  # not found, or the server is down: start a new parent
+        return False
+    return True
+
+
 def start_parent(tracker: Tracker, out: Path, args: argparse.Namespace, study: Study) -> str | None:
     """The study's MLflow parent run: the one of an earlier start of this study, or a new one."""
     record = out / "study.json"
     uri = resolve_uri(tracker.spec) if tracker.enabled else None
     old = json.loads(record.read_text()) if record.is_file() else {}
-    if old.get("parent_run_id") and old.get("tracking_uri") == uri:
+    if old.get("parent_run_id") and old.get("tracking_uri") == uri and _exists(tracker, old):
         return tracker.start(args.name, {}, {}, resume_run_id=old["parent_run_id"])
     params = {"rows": [f"{r.name}={r.config}" + (":" + ",".join(r.overrides) if r.overrides
                                                    else "") for r in study.rows],
