@@ -231,3 +231,31 @@ def test_method_label_from_config_equals_label_from_mlflow_params(cfg: str, labe
     spec = load_run_config(ROOT / cfg, check_paths=False)
     assert method_label(spec.method) == label
     assert method_label(method_from_params(flatten(asdict(spec)))) == label
+
+
+def test_two_pairs_and_a_data_limited_column_without_mlflow() -> None:
+    """Runs of two pairs: one column group per pair (Markdown, LaTeX, HTML); the published
+    number of a data-limited run is the one of its training fraction (CID Table 6)."""
+    from pipeline.evaluate.report_html import to_html
+    from pipeline.evaluate.report_runs import RunRecord
+    from pipeline.evaluate.report_table import build_table, to_latex, to_markdown
+
+    def rec(i: int, teacher: str, student: str, fraction: str, top1: float) -> RunRecord:
+        params = {"data.dataset": "cifar100", "data.train_fraction": fraction}
+        return RunRecord(str(i), f"r{i}", i, params, {}, {"test/top1": top1}, row="cid",
+                         method="cid", teacher=teacher, student=student, seed=str(i))
+
+    records = [rec(0, "vgg13", "vgg8", "0.2", 60.0), rec(1, "vgg13", "vgg8", "0.2", 61.0),
+               rec(2, "resnet56", "resnet20", "1.0", 71.0)]
+    table = build_table(records, ["test/top1"], load_tables([ROOT / "reports" / "published"]),
+                        "t", "last")
+    md = to_markdown(table)
+    assert "| vgg13 → vgg8: test top-1 % | paper | resnet56 → resnet20: test top-1 % |" in md
+    cells = _md_rows(md)["cid"]
+    assert cells[:2] == ["1–2", "60.50 ± 0.71"]  # one method: nothing to mark bold
+    assert cells[2].startswith("62.13 [")  # the 20 % column of Table 6, not 68.64 (40 %)
+    assert cells[3] == "71.00" and cells[4].startswith("71.90 ± 0.27 [")
+    tex = to_latex(table)
+    assert r"\multicolumn{2}{c}{vgg13 $\rightarrow$ vgg8}" in tex
+    assert r"\multicolumn{2}{c}{resnet56 $\rightarrow$ resnet20}" in tex
+    assert '<th colspan="2">vgg13 → vgg8</th>' in to_html(table, None, "h", "s")

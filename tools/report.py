@@ -83,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     what = f"study {args.study}" if args.study else "experiments " + ", ".join(args.experiment)
     heading = args.title or f"Results: {what}"
     table = build_table(records, keys, published, heading, args.epoch)
+    if not table.metrics:
+        print(f"error: --metrics: none of the {len(records)} runs has any of {keys}",
+              file=sys.stderr)
+        return 2
     out = args.out or ROOT / "runs" / (args.study or "report") / ("report" if args.study else "")
     with tempfile.TemporaryDirectory() as tmp:
         if not args.no_plots:
