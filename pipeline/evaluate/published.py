@@ -13,7 +13,8 @@ A file::
       kd: {r56-r20: [70.66, 0.24]}          # mean and std, or one number
       teacher: {r56-r20: 72.34}
 
-``metric`` is matched against our MLflow metric key part by part (split on ``/``, each part a
+Values are as the paper prints them, in the report's units (top-1 and top-5 in %, ECE in %, AURC
+×10³). ``metric`` is matched against our MLflow metric key part by part (split on ``/``, each part a
 shell pattern): ``*/top1`` is the top-1 of any split, ``transfer/transfer-stl10/probe/*/top1`` a
 transfer probe. ``match`` values are compared with the run's params (numbers as numbers). Rows are
 the labels of ``pipeline/evaluate/labels.py`` (``fitnet+kd``, ``cid``, ``vanilla``) and

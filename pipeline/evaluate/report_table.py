@@ -3,7 +3,9 @@
 Each cell holds the mean ± std over the seeds of its runs (sample std, as ``mean_std``) of the
 metric at the **last** epoch (the run's latest logged value) and at the **best** epoch (the
 ``best/<key>`` summary the trainer logs: the epoch of the best top-1 on the first eval split),
-and the **published** numbers for it (``pipeline/evaluate/published.py``). The best method of
+and the **published** numbers for it (``pipeline/evaluate/published.py``: looked up by the
+row's method label, so the rows of a grid show their method's published number, the paper's own
+setting, beside each grid point). The best method of
 every column (by its last-epoch mean; lower is better for ECE, AURC and NLL) is marked bold.
 Rendered as Markdown and LaTeX here; HTML in ``report_html``.
 
