@@ -192,8 +192,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if args.teacher:
-        train(args.teacher, None, [])  # its own default run directory, which students read
+    if args.teacher:  # trained in its own default run directory, which students read
+        spec = load_run_config(args.teacher, check_paths=False)
+        run_dir = ROOT / (spec.run_dir or f"runs/{spec.name}")
+        if finished(Job("teacher", args.teacher, run_dir, [], dump_config(spec))):
+            print(f"skip teacher {run_dir.name}: finished", flush=True)
+        else:
+            train(args.teacher, None, [])
     first = load_run_config(jobs[0].config, args.overrides, check_paths=False)
     splits = list(first.data.eval_splits)
     tracker = Tracker(first.tracking, enabled=True)
