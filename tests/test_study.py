@@ -177,7 +177,10 @@ def test_real_grid_runs_are_tagged_and_a_rerun_skips_them(tmp_path: Path) -> Non
         assert tags["study_grid"] == f"method.objective={objective}"
         assert (tags["study_seed"], r.data.params["seed"]) == ("3", "3")
         assert tags["study_pair"] == "resnet8" and r.info.status == "FINISHED"
-    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    again = subprocess.run([*cmd, "--report"], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("skip ") == 2 and "launch/train.py" not in again.stdout
     assert len(client.search_runs([exp.experiment_id])) == 3
+    report = (tmp_path / "s" / "report" / "report.md").read_text()  # --report: the study's table
+    assert "| plain-objective=ce | 1 |" in report and "| plain-objective=mse | 1 |" in report

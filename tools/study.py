@@ -26,8 +26,9 @@ report (``tools/report.py``): ``study``, ``study_row``, ``study_cell``, ``study_
 (the resolved config). A run whose directory holds a finished run of the same config is skipped
 without starting a process, so a half-finished study continues where it stopped (an unfinished
 run resumes from its checkpoint; a changed config is refused by the trainer, naming the keys).
-``--jobs N`` runs N at a time (each with cores ÷ N CPU threads unless ``OMP_NUM_THREADS`` is set,
-its output in ``<run dir>/train.log``).
+``--report`` then writes the study's paper-style report to ``<out>/report`` (``tools/report.py``,
+columns ``--report-metrics``). ``--jobs N`` runs N at a time (each with cores ÷ N CPU threads
+unless ``OMP_NUM_THREADS`` is set, its output in ``<run dir>/train.log``).
 """
 
 from __future__ import annotations
@@ -164,6 +165,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Study]:
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    help="override for every run, e.g. --set optim.epochs=4")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1)")
+    p.add_argument("--report", action="store_true",
+                   help="then write the paper-style report (tools/report.py) to <out>/report")
+    p.add_argument("--report-metrics", default="top1,ece", help="its columns (default top1,ece)")
     args = p.parse_args(argv)
     if args.jobs < 1:
         p.error(f"--jobs: expected >= 1, found {args.jobs}")
@@ -228,6 +232,11 @@ def main(argv: list[str] | None = None) -> int:
     tracker.log_artifact(out / "table.txt")
     tracker.log_artifact(out / "summary.json")
     tracker.finish()
+    if args.report and tracker.enabled:
+        subprocess.run([sys.executable, "tools/report.py", "--study", parent or args.name,
+                        "--tracking-uri", resolve_uri(tracker.spec), "--title",
+                        f"Study {args.name}", "--metrics", args.report_metrics,
+                        "--out", str(out / "report")], cwd=ROOT, check=True)
     print(f"study wall time: {time.perf_counter() - start:.0f} s")
     return 0
 

@@ -120,7 +120,8 @@ def read_runs(client: Any, experiments: Sequence[str] = (), study: str | None = 
     flt = "attributes.status = 'FINISHED'"
     if study:
         parent = find_parent(client, exp_ids, study)
-        runs = _search(client, [parent.info.experiment_id],
+        # the children of a study may be in other experiments than the parent (one per config)
+        runs = _search(client, exp_ids,
                        f"{flt} and tags.mlflow.parentRunId = '{parent.info.run_id}'")
     else:
         runs = [r for r in _search(client, exp_ids, flt) if r.data.tags.get("study") != "true"
