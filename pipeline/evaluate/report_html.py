@@ -34,6 +34,7 @@ body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2e
 max-width:1200px;color:#222;padding:0 1em}
 h1{font-size:1.4em}h2{font-size:1.15em;margin-top:1.6em}
 table{border-collapse:collapse;margin:1em 0}th,td{padding:.35em .7em;text-align:right;
+white-space:nowrap;
 border-bottom:1px solid #ddd}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
 td.paper,th.paper{color:#666;font-style:italic}td.best,th.best{color:#444}
 tr.teacher td{color:#555;background:#fafafa}
