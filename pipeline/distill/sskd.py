@@ -35,6 +35,9 @@ Simplifications (and why):
   host-side count, so a step never waits for the GPU; the selected rows are the reference's
   (same ranking, same ``argsort``), and each KL is the same sum over them.
 
+Several processes: S is built from each process's own batch (the images of its rows), as the
+official and torchdistill runs compute it per GPU (baselines.md §0.4).
+
 Teacher cache: both phases read the teacher's embeddings (and phase 2 its logits) of the four
 rotated copies, which a cache of a 4-rotation plan stores per (index, view, rotation).
 """
