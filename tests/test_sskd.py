@@ -149,3 +149,28 @@ def test_refuses_batches_without_rotations_and_bad_options() -> None:
         method(ModelOutput(z, torch.zeros(4, D)), TeacherOutput(z, torch.zeros(4, D)), plain)
     with pytest.raises(ValueError, match="ratio_ss"):
         SSKDOptions(ratio_ss=1.5)
+
+
+def test_heads_of_another_teacher_are_refused(tmp_path: Path) -> None:
+    """Same arch, other checkpoint (a CE- vs an MSE-trained teacher): refused by its sha256;
+    a copy of the same checkpoint under another path is accepted."""
+    import shutil
+
+    for name, seed in (("a.pt", 0), ("b.pt", 1)):
+        torch.manual_seed(seed)
+        torch.save({"w": torch.randn(3)}, tmp_path / name)
+    shutil.copy(tmp_path / "a.pt", tmp_path / "a_copy.pt")
+
+    def ctx(weights: str, load: bool = True) -> MethodContext:
+        return MethodContext(num_classes=C, student_dim=D, teacher_dim=D, epochs=1,
+                             steps_per_epoch=1, load_teacher=load, teacher_arch="resnet8",
+                             teacher_weights=str(tmp_path / weights))
+
+    phase = SSKDTeacher(SSKDTeacherOptions(), ctx("a.pt"))
+    assert phase.teacher_digest.any()
+    torch.save(phase.state_dict(), tmp_path / "method.pt")
+    opts = SSKDOptions(teacher_heads=str(tmp_path / "method.pt"))
+    SSKD(opts, ctx("a_copy.pt"))  # the same teacher: fine
+    with pytest.raises(ConfigError, match="trained on another teacher"):
+        SSKD(opts, ctx("b.pt"))
+    SSKD(opts, ctx("b.pt", load=False))  # a dry run reads no file

@@ -56,6 +56,7 @@ def test_teacher_phase_then_student(method: str, demo_root: Path, teacher_ckpt: 
     original = torch.load(teacher_ckpt, weights_only=True)
     assert all(torch.equal(saved[k], original[k]) for k in original)
     heads = torch.load(phase_dir / "method.pt", weights_only=True)
+    assert heads.pop("teacher_digest").any()  # which teacher they belong to
     assert heads and all(k.startswith(HEADS[method]) for k in heads)
     phase_info = json.loads((phase_dir / "run_info.json").read_text())
     assert phase_info["mlflow_run_id"]

@@ -88,6 +88,7 @@ class MethodContext:
     load_teacher: bool = True
     student_arch: str = ""  # model.arch / teacher.arch, for methods whose parts copy the
     teacher_arch: str = ""  # networks' structure (HSAKD's heads replicate their later stages)
+    teacher_weights: str | None = None  # teacher.weights (SSKD, HSAKD: which teacher heads fit)
 
     def student_maps(self, selection: tuple[int | str, ...]) -> tuple[StageInfo, ...]:
         picked = resolve_stages(selection, len(self.student_stages), "student stage maps")

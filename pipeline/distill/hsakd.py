@@ -44,7 +44,13 @@ from pipeline.distill.hsakd_heads import aux_heads
 from pipeline.distill.losses import cross_entropy
 from pipeline.distill.options import check_temperature, check_weights
 from pipeline.distill.requirements import Requirements
-from pipeline.distill.teacher_heads import freeze, heads_lineage, load_teacher_heads
+from pipeline.distill.teacher_heads import (
+    DIGEST_KEY,
+    freeze,
+    heads_lineage,
+    load_teacher_heads,
+    teacher_digest,
+)
 from pipeline.models.features import ALL_STAGES
 from pipeline.types import Batch, ModelOutput, TeacherOutput
 
@@ -137,7 +143,8 @@ class HSAKD(Method):
         self.student_stage_ids = _stages(len(ctx.student_stages))
         self.teacher_heads, self.teacher_stage_ids = _teacher_heads(ctx, "hsakd")
         if ctx.load_teacher:
-            load_teacher_heads(self.teacher_heads, opts.teacher_heads, "teacher_heads", "hsakd")
+            load_teacher_heads(self.teacher_heads, opts.teacher_heads, "teacher_heads", "hsakd",
+                               teacher_digest(ctx.teacher_arch, ctx.teacher_weights))
         freeze(self.teacher_heads)
 
     def train(self, mode: bool = True) -> HSAKD:
@@ -185,6 +192,9 @@ class HSAKDTeacher(Method):
     def __init__(self, opts: HSAKDTeacherOptions, ctx: MethodContext) -> None:
         super().__init__(opts, ctx)
         self.teacher_heads, self.teacher_stage_ids = _teacher_heads(ctx, "hsakd.teacher")
+        # which teacher the heads belong to (the student run checks it: teacher_heads.py)
+        self.register_buffer(DIGEST_KEY, teacher_digest(ctx.teacher_arch, ctx.teacher_weights)
+                             if ctx.load_teacher else torch.zeros(32, dtype=torch.uint8))
         self._correct: Tensor | None = None
         self._rows = 0
 

@@ -54,7 +54,13 @@ from pipeline.distill.base import METHODS, Method, MethodContext
 from pipeline.distill.losses import cross_entropy
 from pipeline.distill.options import check_interval, check_temperature, check_weights
 from pipeline.distill.requirements import Requirements
-from pipeline.distill.teacher_heads import freeze, heads_lineage, load_teacher_heads
+from pipeline.distill.teacher_heads import (
+    DIGEST_KEY,
+    freeze,
+    heads_lineage,
+    load_teacher_heads,
+    teacher_digest,
+)
 from pipeline.types import Batch, ModelOutput, TeacherOutput
 
 ROTATIONS = 4
@@ -181,7 +187,8 @@ class SSKD(Method):
         self.student_head = ss_head(ctx.student_dim)
         self.teacher_head = ss_head(int(ctx.teacher_dim))
         if ctx.load_teacher:
-            load_teacher_heads(self.teacher_head, opts.teacher_heads, "teacher_head", "sskd")
+            load_teacher_heads(self.teacher_head, opts.teacher_heads, "teacher_head", "sskd",
+                               teacher_digest(ctx.teacher_arch, ctx.teacher_weights))
         freeze(self.teacher_head)
 
     def train(self, mode: bool = True) -> SSKD:
@@ -223,6 +230,9 @@ class SSKDTeacher(Method):
         if ctx.teacher_dim is None:
             raise ValueError("method sskd.teacher: expected the teacher's embedding size")
         self.teacher_head = ss_head(int(ctx.teacher_dim))
+        # which teacher the heads belong to (the student run checks it: teacher_heads.py)
+        self.register_buffer(DIGEST_KEY, teacher_digest(ctx.teacher_arch, ctx.teacher_weights)
+                             if ctx.load_teacher else torch.zeros(32, dtype=torch.uint8))
         self._correct: Tensor | None = None
         self._rows: Tensor | None = None
 

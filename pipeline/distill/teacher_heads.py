@@ -7,21 +7,47 @@ student run names that file in ``method.teacher_heads``; its MLflow run gets the
 ``teacher_heads`` (the resolved path) and ``teacher_heads_run_id`` (the MLflow run of the
 teacher phase, from ``run_info.json`` beside the file), as a teacher checkpoint's run is tagged
 ``teacher_run_id``.
+
+The teacher-phase method also saves ``teacher_digest``: the sha256 of the teacher it trained on
+(its checkpoint's bytes, or the torchvision weights name), so a student run with another
+teacher of the same arch (the CE- and MSE-trained twins of a pair, say) is refused instead of
+reading heads that belong to another network.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from pipeline.config.errors import ConfigError
 
+DIGEST_KEY = "teacher_digest"
 
-def load_teacher_heads(module: nn.Module, path: str, prefix: str, method: str) -> None:
+
+def teacher_digest(arch: str, weights: str | None) -> Tensor:
+    """uint8 (32,): sha256 of the teacher's identity (arch and checkpoint sha256, or arch and
+    torchvision weights name; not the file's path); zeros without weights."""
+    from pipeline.teacher.cache_format import teacher_identity
+
+    if not weights:
+        return torch.zeros(32, dtype=torch.uint8)
+    ident = teacher_identity(arch, weights)
+    key = {"arch": arch, **({"weights": ident["weights"]} if weights.startswith("torchvision:")
+                            else {"sha256": ident["sha256"]})}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).digest()
+    return torch.tensor(list(digest), dtype=torch.uint8)
+
+
+def load_teacher_heads(module: nn.Module, path: str, prefix: str, method: str,
+                       digest: Tensor | None = None) -> None:
     """Load ``module``'s weights from the entries ``<prefix>.*`` of the state dict at ``path``
-    (a teacher-phase run's ``method.pt``); ConfigError naming the key, file and problem."""
+    (a teacher-phase run's ``method.pt``); ConfigError naming the key, file and problem.
+    ``digest``: this run's ``teacher_digest``, which the file's must equal when both are known
+    (non-zero)."""
     key = "method.teacher_heads"
     teacher_method = f"{method}.teacher"
     make = (f"train them with launch/train.py and method {teacher_method!r} (its run directory "
@@ -36,6 +62,12 @@ def load_teacher_heads(module: nn.Module, path: str, prefix: str, method: str) -
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:  # a truncated or foreign file: say which
         raise ConfigError(f"{key}: {file} is not a readable state dict: {err}") from err
+    saved = state.get(DIGEST_KEY)
+    known = digest is not None and saved is not None and bool(digest.any()) and bool(saved.any())
+    if known and not torch.equal(saved.cpu(), digest.cpu()):
+        raise ConfigError(f"{key}: {file} holds heads trained on another teacher (its "
+                          "checkpoint's sha256 differs from teacher.weights of this run); use "
+                          f"the {teacher_method!r} run of this teacher")
     dot = prefix + "."
     heads = {k[len(dot):]: v for k, v in state.items() if k.startswith(dot)}
     if not heads:

@@ -102,6 +102,7 @@ def build_parts(
         load_teacher=load_teacher,
         student_arch=spec.model.arch,
         teacher_arch=spec.teacher.arch if spec.teacher is not None and teacher else "",
+        teacher_weights=spec.teacher.weights if spec.teacher is not None and teacher else None,
     )
     method = cls(opts, ctx)
     return RunParts(train_index, eval_indices, num_classes, student, teacher, teacher_info, method)
