@@ -186,3 +186,12 @@ def test_config_resolves_and_checks_rotations(tmp_path: Path) -> None:
         load_run_config(cfg, ["data.rotations=4"], check_paths=False)
     with pytest.raises(ConfigError, match="data.rotations: expected 0"):
         load_run_config(cfg, ["data.rotations=3"], check_paths=False)
+
+
+def test_runs_from_before_rotations_still_resume() -> None:
+    from pipeline.train.resume_guard import config_diff
+
+    old = "data:\n  views: 2\n"
+    assert config_diff(old, "data:\n  views: 2\n  rotations: 1\n") == {}
+    assert config_diff(old, "data:\n  views: 2\n  rotations: 4\n") == {
+        "data.rotations": ("<absent>", 4)}
