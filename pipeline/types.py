@@ -16,12 +16,16 @@ class Batch:
     backend already did that on the device; ``pipeline.data.device.to_device`` makes it float.
     ``index`` is each sample's position in the dataset index (-1 marks padding in evaluation),
     ``view`` the augmentation view it was drawn with (-1 for the deterministic eval view).
+    ``rotation`` is None, or, in a run with ``data.rotations: 4`` (SSKD, HSAKD), k of each row's
+    rotation by k·90° (``pipeline.data.rotate``: the copies of an image are interleaved and
+    share its label, index and view).
     """
 
     images: Tensor
     labels: Tensor
     index: Tensor
     view: Tensor
+    rotation: Tensor | None = None
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(
@@ -29,6 +33,7 @@ class Batch:
             self.labels.to(device, non_blocking=True),
             self.index.to(device, non_blocking=True),
             self.view.to(device, non_blocking=True),
+            None if self.rotation is None else self.rotation.to(device, non_blocking=True),
         )
 
     def __len__(self) -> int:

@@ -28,6 +28,7 @@ IGNORED = {
     "model": ("weights",),
     "teacher": ("weights", "cache_dir", "source"),
     "optim": ("epochs", "milestones"),
+    "method": ("teacher_heads",),  # a teacher-phase run's heads (SSKD, HSAKD): not read
     "train": ("progress", "log_every_steps", "checkpoint_every_steps", "max_steps_per_epoch"),
 }
 

@@ -66,11 +66,46 @@ def check_values(spec: RunSpec, method_cls: Any, root: str) -> None:
     if teacher is not None and teacher.source == "cached" and data.ffcv_random_crop:
         fail("data.ffcv_random_crop", "expected false when teacher.source is 'cached': FFCV's own "
              "random crops are not the plan's views that the cache describes", root)
+    check_rotations(spec, _requirements(method_cls, options), root)
+    if not getattr(_requirements(method_cls, options), "uses_student", True):
+        check_teacher_in_student_slot(spec, root)
     batch_stats = getattr(_requirements(method_cls, options), "teacher_batch_stats", False)
     if teacher is not None and teacher.source == "cached" and batch_stats:
         fail("teacher.source", f"expected 'online': method {spec.method['name']!r} runs the "
              "teacher's BatchNorm on each batch's statistics, which a cache cannot replay (for "
              "reviewkd set method.teacher_bn: eval to read a cache)", root)
+
+
+def check_rotations(spec: RunSpec, needs: Any, root: str) -> None:
+    """``data.rotations`` 0 becomes what the method reads (``Requirements.rotations``); an explicit
+    value must agree with it: a method that reads rotated copies finds the four copies of each
+    image interleaved in its batch, one that does not would read them as samples."""
+    wanted = int(getattr(needs, "rotations", 1))
+    data = spec.data
+    if data.rotations == 0:
+        data.rotations = wanted
+    elif data.rotations not in (1, 4):
+        fail("data.rotations", f"expected 0 (as the method asks), 1 or 4, found "
+             f"{data.rotations}", root)
+    elif data.rotations != wanted:
+        fail("data.rotations", f"method {spec.method['name']!r} reads {wanted} rotation(s) of "
+             f"each image, found data.rotations = {data.rotations}; leave it at 0 (as the "
+             "method asks)", root)
+
+
+def check_teacher_in_student_slot(spec: RunSpec, root: str) -> None:
+    """A method that never runs the student (SSKD's and HSAKD's teacher phases) trains parts of
+    the teacher; the network in the student slot is evaluated as loaded, so it must be the
+    teacher: the same arch and weights, and the run's results are the teacher's."""
+    t = spec.teacher
+    if t is None or not t.arch:
+        return  # "needs a teacher" is reported below
+    for key, mine, theirs in (("model.arch", spec.model.arch, t.arch),
+                              ("model.weights", spec.model.weights, t.weights)):
+        if mine != theirs:
+            fail(key, f"method {spec.method['name']!r} trains parts of the teacher and never "
+                 f"runs the student, whose slot must hold the teacher (evaluated as loaded): "
+                 f"expected {theirs!r} (teacher.{key.split('.')[1]}), found {mine!r}", root)
 
 
 def _requirements(method_cls: Any, options: Any) -> Any:

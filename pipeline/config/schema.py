@@ -32,6 +32,10 @@ class DataSpec:
     workers: int = 2
     # Augmentation views per sample: epoch e uses view e mod views; 0 means a fresh view each epoch.
     views: int = 0
+    # Rotated copies of each training image (pipeline/data/rotate.py): 4 = 0/90/180/270°,
+    # interleaved per image; 1 = none; 0 = as the method asks (4 for sskd, hsakd and their
+    # teacher phases, 1 otherwise).
+    rotations: int = 0
     # Training batch order (pipeline/data/coss_sampler.py): default = shuffled samples; coss =
     # CoSS nearest-neighbour batches (spec §4.3): batch_size/(1+coss_k) anchors per process and
     # step, each followed by coss_k neighbours drawn without replacement from its top coss_m in

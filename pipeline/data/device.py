@@ -66,7 +66,8 @@ def to_device(
         images = images.contiguous(memory_format=torch.channels_last)
     if not images.is_floating_point():
         images = normalise(images, mean, std)  # keeps the memory format
-    return Batch(images=images, labels=moved.labels, index=moved.index, view=moved.view)
+    return Batch(images=images, labels=moved.labels, index=moved.index, view=moved.view,
+                 rotation=moved.rotation)
 
 
 def pin_available() -> bool:

@@ -16,12 +16,18 @@ Kinds:
   that fits is placed uniformly; otherwise a centre crop clamped to the ratio range — then the box
   is resized to ``size``×``size``; flip with probability 0.5.
 - ``none``: the whole image, no flip.
+
+``rotations`` (1 or 4): how many rotated copies of each cropped image a training batch holds
+(``pipeline.data.rotate``: 0°, 90°, 180°, 270°, applied on the device after crop and flip; not
+random, so not part of a draw). It is part of the plan because a teacher cache must replay them;
+``to_dict`` leaves it out when it is 1, so the manifests of caches written before it existed
+still match.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
@@ -72,8 +78,11 @@ class AugPlan:
     ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
     flip: bool = True
     seed: int = 0
+    rotations: int = 1
 
     def __post_init__(self) -> None:
+        if self.rotations not in (1, 4):
+            raise ValueError(f"expected rotations 1 or 4, found {self.rotations}")
         if self.kind not in ("rrc", "pad_crop", "none"):
             raise ValueError(f"expected plan kind rrc|pad_crop|none, found {self.kind!r}")
         if self.size <= 0 or self.padding < 0:
@@ -89,7 +98,14 @@ class AugPlan:
 
     @classmethod
     def from_spec(cls, spec: DataSpec, seed: int) -> AugPlan:
-        """The training plan a data spec asks for (``data.augment``, ``data.flip``)."""
+        """The training plan a data spec asks for (``data.augment``, ``data.flip``,
+        ``data.rotations``; 0 there, "as the method asks", is resolved when a config loads)."""
+        plan = cls._crop_plan(spec, seed)
+        rotations = max(int(getattr(spec, "rotations", 1)), 1)
+        return plan if rotations == 1 else replace(plan, rotations=rotations)
+
+    @classmethod
+    def _crop_plan(cls, spec: DataSpec, seed: int) -> AugPlan:
         flip = bool(spec.flip)
         if spec.augment == "cifar":
             return cls("pad_crop", size=32, padding=4, flip=flip, seed=seed)
@@ -122,6 +138,8 @@ class AugPlan:
         """A JSON-ready description (stored in teacher-cache manifests)."""
         out = asdict(self)
         out["scale"], out["ratio"] = list(self.scale), list(self.ratio)
+        if self.rotations == 1:
+            del out["rotations"]
         return out
 
     @classmethod
@@ -135,6 +153,7 @@ class AugPlan:
             ratio=(float(d["ratio"][0]), float(d["ratio"][1])),
             flip=bool(d["flip"]),
             seed=int(d["seed"]),
+            rotations=int(d.get("rotations", 1)),
         )
 
     def draw(self, index: int, view: int, width: int, height: int) -> Crop:

@@ -69,6 +69,7 @@ class MethodContext:
     ``Requirements.teacher_modules`` asked for (``pipeline.teacher.parts.TeacherParts``: a
     frozen copy of the teacher's classifier, its BN statistics before stage ReLUs), built from
     the teacher's weights for an online and a cached teacher alike; None when nothing was asked.
+    ``load_teacher`` (below) is False in a dry run.
     """
 
     num_classes: int
@@ -82,6 +83,12 @@ class MethodContext:
     train_labels: Any = None  # torch.Tensor (num_train_samples,) int64, or None
     image_size: int = 0
     teacher_parts: Any = None  # pipeline.teacher.parts.TeacherParts, or None
+    # False in a dry run: teacher weights, and files a method loads for its teacher side (the
+    # heads of a teacher-phase run: SSKD, HSAKD), are not read; those parts stay random.
+    load_teacher: bool = True
+    student_arch: str = ""  # model.arch / teacher.arch, for methods whose parts copy the
+    teacher_arch: str = ""  # networks' structure (HSAKD's heads replicate their later stages)
+    teacher_weights: str | None = None  # teacher.weights (SSKD, HSAKD: which teacher heads fit)
 
     def student_maps(self, selection: tuple[int | str, ...]) -> tuple[StageInfo, ...]:
         picked = resolve_stages(selection, len(self.student_stages), "student stage maps")
@@ -172,6 +179,11 @@ class Method(nn.Module):
 
     def epoch_metrics(self) -> dict[str, float]:
         """Diagnostics to log once per epoch (IPWD's weight distribution, say)."""
+        return {}
+
+    def lineage_tags(self) -> dict[str, str]:
+        """MLflow tags tying this run to the runs whose outputs the method loaded (SSKD's and
+        HSAKD's teacher-phase heads: the path and that run's id)."""
         return {}
 
 

@@ -244,6 +244,12 @@ class Compose(Method):
     def epoch_metrics(self) -> dict[str, float]:
         return merge_terms([(n, m.epoch_metrics()) for n, m in self._parts()])
 
+    def lineage_tags(self) -> dict[str, str]:
+        tags: dict[str, str] = {}
+        for _, m in self._parts():
+            tags.update(m.lineage_tags())
+        return tags
+
     def sync_for_checkpoint(self) -> None:
         """Forward to the terms that keep rank-local sums (see ``cid.CIDIntervention``)."""
         for _, m in self._parts():

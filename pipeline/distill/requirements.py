@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
+from pipeline.data.rotate import ROTATIONS
 from pipeline.models.features import ALL_STAGES, resolve_stages
 
 OUTPUT_FIELDS = ("logits", "embedding")  # teacher outputs besides stage maps
@@ -45,7 +46,13 @@ class Requirements:
       so DDP must expect parameters without a gradient;
     - ``teacher_modules``: parts of the teacher's weights (``TEACHER_MODULES``): ``classifier``
       (a frozen copy of its last linear layer), ``preact_bn`` (the BN statistics before the final
-      ReLU of each selected teacher stage).
+      ReLU of each selected teacher stage);
+    - ``rotations``: 4 when every training image comes with its copies rotated by 90°, 180° and
+      270° (``pipeline.data.rotate``: SSKD, HSAKD); the run's ``data.rotations`` follows it;
+    - ``uses_student``: False when the student network is not run in training at all: the
+      method learns from the teacher's outputs alone (the teacher phases of SSKD and HSAKD); the
+      student's parameters then never change, and evaluation reports the network in the
+      student slot as it was loaded.
     """
 
     needs_teacher: bool = True
@@ -58,8 +65,13 @@ class Requirements:
     student_preact: bool | None = None
     teacher_preact: bool | None = None
     teacher_batch_stats: bool = False
+    rotations: int = 1
+    uses_student: bool = True
 
     def __post_init__(self) -> None:
+        if self.rotations not in ROTATIONS:
+            raise ValueError(f"requirements: rotations: expected one of {ROTATIONS}, found "
+                             f"{self.rotations}")
         student = self.preact if self.student_preact is None else bool(self.student_preact)
         teacher = self.preact if self.teacher_preact is None else bool(self.teacher_preact)
         object.__setattr__(self, "student_preact", student)
@@ -143,4 +155,6 @@ def merge(parts: Iterable[tuple[str, Requirements]]) -> Requirements:
         student_preact=bool(student),
         teacher_preact=bool(teacher),
         teacher_batch_stats=any(r.teacher_batch_stats for _, r in parts),
+        rotations=max((r.rotations for _, r in parts), default=1),
+        uses_student=any(r.uses_student for _, r in parts),
     )

@@ -34,6 +34,7 @@ from pipeline.config.errors import ConfigError
 from pipeline.config.schema import RunSpec
 from pipeline.data import AugPlan, DatasetIndex, build_train_index
 from pipeline.data.device import to_device
+from pipeline.data.rotate import rotate_batch
 from pipeline.data.transforms import EvalTransform
 from pipeline.models.features import StageSelection, resolve_stages
 from pipeline.teacher.cache_format import (
@@ -155,8 +156,11 @@ def build_manifest(
         size = plan.size if group == "train" else eval_tf.size
         group_fields = fields if group == "train" else tuple(sorted({*fields, "embedding"}))
         specs = _array_specs(model, group_fields, stages, preact, size, t.cache_topk)
-        for name, spec_ in specs.items():
-            arrays[(EVAL_PREFIX if group == "eval" else "") + name] = ArraySpec(group, *spec_)
+        # rotated copies (SSKD, HSAKD): R rows per (view, sample), in rotation order
+        lead = [plan.rotations] if group == "train" and plan.rotations > 1 else []
+        for name, (dtype, shape) in specs.items():
+            arrays[(EVAL_PREFIX if group == "eval" else "") + name] = ArraySpec(
+                group, dtype, lead + shape)
     n = len(index)
     feats_bytes = sum(
         np.prod(a.row_shape) * 2 * (views * n if a.group == "train" else n)
@@ -348,15 +352,20 @@ def write_cache(
     show = spec.train.progress if progress is None else progress
     bar = _progress_bar(show and process_index == 0, total, num_processes)
     d = spec.data
+    rotations = AugPlan.from_dict(manifest.plan).rotations
     t0, images = time.perf_counter(), 0
     done_rows: dict[Unit, int] = {}
     bad: dict[Unit, list[int]] = {}
     try:
         for unit, offset, raw in iter_unit_batches(spec, index, manifest, pending):
             batch = to_device(raw, device, d.mean, d.std, spec.train.channels_last)
+            rotated = rotations if unit.group == "train" else 1
+            batch = rotate_batch(batch, rotated)  # the student's step does the same
             with torch.no_grad(), autocast:
                 out = model(batch.images, feats=chosen or False, preact=preact)
             rows = teacher_rows(out, manifest, unit.group, num_classes)
+            if rotated > 1:  # (n·R, ...) interleaved → (n, R, ...): one row per sample
+                rows = {k: v.reshape(len(raw), rotated, *v.shape[1:]) for k, v in rows.items()}
             start = manifest.row_range(unit)[0] + offset
             valid = raw.index.numpy() >= 0
             for name, values in rows.items():

@@ -14,10 +14,13 @@ bytes are checked against its marker the first time the run reads them, and a co
 refused with the commands that repair it (``cache_verify.py``).
 
 Rows are read by numpy fancy indexing from read-only memory maps, at row ``view·N + index``;
-batches whose ``view`` is -1 read the eval-view arrays. Logits and embeddings come back as
-float32 tensors on the batch's device. For a top-k cache the logits are rebuilt as described in
-``pipeline.teacher.topk``: ``softmax(logits/T)`` equals the stored top-k probabilities, the rest
-of the mass spread uniformly over the other classes.
+batches whose ``view`` is -1 read the eval-view arrays. A cache of a plan with rotated copies
+(``AugPlan.rotations`` R = 4: SSKD, HSAKD) holds R sub-rows per (view, sample), the outputs for
+rotation 0..R-1 (key (index, view, rotation)); a lookup of n samples returns n·R rows in the
+interleaved layout of the rotated batch (``pipeline.data.rotate``). Logits and embeddings come
+back as float32 tensors on the batch's device. For a top-k cache the logits are rebuilt as
+described in ``pipeline.teacher.topk``: ``softmax(logits/T)`` equals the stored top-k
+probabilities, the rest of the mass spread uniformly over the other classes.
 """
 
 from __future__ import annotations
@@ -126,6 +129,7 @@ class CachedTeacher:
         self.num_classes = int(m.teacher["num_classes"])
         self.device = torch.device("cpu")
         self.stages: tuple[int, ...] = tuple(m.stages)
+        self.rotations = AugPlan.from_dict(m.plan).rotations
         self.stage_info: tuple = ()  # the teacher's StageInfo, set by the run's build step
         self.parts = None  # pipeline.teacher.parts.TeacherParts, set by the build step
 
@@ -149,7 +153,16 @@ class CachedTeacher:
                 f"{sorted(self.views)}, found view(s) {unknown}"
             )
         dev = device or self.device
-        read = self.reader.rows
+        if self.rotations > 1 and (vw < 0).any():
+            raise ValueError(f"{self.reader.cache_dir}: a cache of {self.rotations} rotated "
+                             "copies serves training views only, found eval-view (-1) rows")
+
+        def read(name: str, idx: np.ndarray, vw: np.ndarray) -> np.ndarray:
+            rows = self.reader.rows(name, idx, vw)
+            if self.rotations > 1:  # (n, R, ...) → (n·R, ...): the batch's interleaved layout
+                rows = rows.reshape(-1, *rows.shape[2:])
+            return rows
+
         out = TeacherOutput()
         if "logits" in self.fields:
             if self.topk:

@@ -63,12 +63,13 @@ def build_parts(
     load_teacher: bool = True,
     data: RunData | None = None,
 ) -> RunParts:
-    """Student, teacher source and method (and the data indices, unless ``data`` has them)."""
+    """Student, teacher source and method (and the data indices, unless ``data`` has them).
+    ``load_teacher`` False (a dry run): no weights file is read, the model's neither."""
     data = data or build_data(spec)
     train_index, eval_indices, num_classes = data.train_index, data.eval_indices, data.num_classes
 
     student = build_model(spec.model.arch, num_classes)
-    if spec.model.weights:
+    if spec.model.weights and load_teacher:  # a dry run (load_teacher False) reads no weights
         from pipeline.models.weights import load_weights_for
 
         load_weights_for(student, spec.model.weights, spec.model.arch, "model")
@@ -98,6 +99,10 @@ def build_parts(
         train_labels=torch.from_numpy(train_index.labels),
         image_size=size,
         teacher_parts=teacher_parts,
+        load_teacher=load_teacher,
+        student_arch=spec.model.arch,
+        teacher_arch=spec.teacher.arch if spec.teacher is not None and teacher else "",
+        teacher_weights=spec.teacher.weights if spec.teacher is not None and teacher else None,
     )
     method = cls(opts, ctx)
     return RunParts(train_index, eval_indices, num_classes, student, teacher, teacher_info, method)

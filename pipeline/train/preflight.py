@@ -146,6 +146,13 @@ def _paths(spec: RunSpec) -> list[Finding]:
         out.append(Finding("ok" if there else "missing", "teacher.cache_dir",
                            f"{resolve_root(t.cache_dir)} " + ("holds a cache manifest" if there
                            else "holds no cache (write it with launch/cache_teacher.py)")))
+    heads = spec.method.get("teacher_heads")
+    if heads:  # SSKD's / HSAKD's teacher heads, written by the teacher-phase run
+        path = resolve_root(heads)
+        out.append(Finding("ok" if path.is_file() else "missing", "method.teacher_heads",
+                           f"{path} " + ("exists (its fit to the teacher is checked at start)"
+                                         if path.is_file() else "not found (train it with "
+                                         f"method {spec.method['name']}.teacher)")))
     if spec.data.sampler == "coss" and spec.data.neighbours:
         path = resolve_root(spec.data.neighbours)
         out.append(Finding("ok" if path.is_file() else "missing", "data.neighbours",

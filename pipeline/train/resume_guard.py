@@ -52,6 +52,9 @@ FIXED_KEYS = ("model.arch", "teacher.arch", "method.name")
 PATH_KEYS = ("data.root", "data.neighbours", "data.ffcv_dir", "model.weights", "teacher.weights",
              "teacher.cache_dir")
 _ABSENT = "<absent>"
+# Keys added after run directories existed, with the value that reproduces what the code did
+# before them: a config written then (without the key) matches a new one holding that value.
+ADDED_KEYS = {"data.rotations": 1}
 
 
 @dataclass
@@ -81,6 +84,8 @@ def _free(key: str) -> bool:
 
 def _same(key: str, old: Any, new: Any) -> bool:
     if old == new:
+        return True
+    if old == _ABSENT and key in ADDED_KEYS and new == ADDED_KEYS[key]:
         return True
     if key in PATH_KEYS and isinstance(old, str) and isinstance(new, str):
         return Path(old).expanduser().resolve() == Path(new).expanduser().resolve()

@@ -20,6 +20,7 @@ from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwar
 
 from pipeline.config.schema import RunSpec
 from pipeline.data import AugPlan, build_eval_loader, build_train_loader, to_device
+from pipeline.data.rotate import rotate_batch
 from pipeline.distill.compose import mark_rank_local_buffers
 from pipeline.evaluate.loop import SplitOutputs, collect_split
 from pipeline.evaluate.metrics import evaluate_all
@@ -266,6 +267,7 @@ class Trainer:
             parent = teacher_run_id(spec.teacher.weights)
             if parent:
                 tags["teacher_run_id"] = parent
+        tags.update(self.parts.method.lineage_tags())  # a teacher-phase run's heads (SSKD ...)
         params = asdict(spec)
         params["world_size"] = self.acc.num_processes
         if self.phases.phases:
@@ -295,7 +297,8 @@ class Trainer:
         method.set_phase(at.name)
         if at.is_main:
             method.start_epoch(at.local)
-        self.acc.unwrap_model(self.distiller).run_student = at.is_main or at.phase.uses_student
+        self.acc.unwrap_model(self.distiller).run_student = (
+            method.needs.uses_student if at.is_main else at.phase.uses_student)
         optimizer = self._optimizer_for(at)
         prefix = "" if at.is_main else f"{at.name}/"
         self.distiller.train()
@@ -315,7 +318,8 @@ class Trainer:
                 continue
             if empty:  # the others run this step's collectives: take part (empty_batch.py)
                 report_empty_step(acc.process_index, epoch, step)
-            batch = self._prepare(raw)
+            # rotated copies (SSKD, HSAKD) on the device, after every backend's crop and flip
+            batch = rotate_batch(self._prepare(raw), self.plan.rotations)
             lr = (set_lr(optimizer, spec.optim, at.local + step / total) if at.is_main
                   else at.phase.lr)
             with acc.accumulate(self.distiller):
