@@ -12,9 +12,12 @@ learning-rate milestones scale with the epochs (at 5/8 and 7/8 of them, as in th
 - **students**: the vanilla resnet8 student, the same way, on its mean training loss over the last
   epoch: double while doubling lowers it by 10 % or more (relative). Every student of the demo
   (vanilla, KD, CID, IPWD) then uses that length, the same teacher and the same recipe.
-The lengths are capped by ``--max-epochs``. Each candidate is a user command (``launch/train.py``)
-with its own run directory under ``runs/demo-recipe/``; finished ones are not re-run. Training
-losses are read back from MLflow (the per-step ``train/loss`` of the run's last epoch).
+The lengths are capped by the demo's budget of 10 minutes on a quiet 2-core machine: students at
+``--max-epochs`` (32: 4 students × 64 epochs alone would take ~11 minutes there), the teacher at
+``--max-teacher-epochs`` (16: its epochs cost twice a student's). Each candidate is a user
+command (``launch/train.py``) with its own run directory under ``runs/demo-recipe/``; finished
+ones are not re-run. Training losses are read back from MLflow (the per-step ``train/loss`` of
+the run's last epoch).
 """
 
 from __future__ import annotations
@@ -97,7 +100,8 @@ def search(name: str, cfg: str, seeds: list[int], max_epochs: int, score, better
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--max-epochs", type=int, default=64)
+    p.add_argument("--max-epochs", type=int, default=32, help="cap of the students' search")
+    p.add_argument("--max-teacher-epochs", type=int, default=16, help="cap of the teacher's")
     p.add_argument("--only", choices=["teacher", "students"],
                    help="one of the two searches (they are independent: run both at once)")
     p.add_argument("--json", type=Path)
@@ -112,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.only != "students":
         result["teacher"] = search(
-        "teacher", "configs/demo/teacher.yaml", args.seeds, args.max_epochs,
+        "teacher", "configs/demo/teacher.yaml", args.seeds, args.max_teacher_epochs,
         lambda d, m, e: m["last"]["test_unbiased/top1"],
         lambda prev, cur: cur - prev >= TEACHER_GAIN)
     if args.only != "teacher":
