@@ -47,7 +47,7 @@ x = torch.randn(64, 3, 32, 32).contiguous(memory_format=torch.channels_last)
 y = torch.randint(0, 10, (64,))
 def step():
     opt.zero_grad(set_to_none=True)
-    torch.nn.functional.cross_entropy(net(x), y).backward()
+    torch.nn.functional.cross_entropy(net(x).logits, y).backward()
     opt.step()
 for _ in range(5):
     step()
