@@ -170,3 +170,17 @@ def test_finished_cid_run_draws_every_plot(demo_root: Path, teacher_ckpt: Path,
     assert len(out.labels) == len(index)
     # the teacher's norms cost a teacher pass: on the first evaluation split only
     assert set(trainer.final_outputs["test_biased"].values) == {"student"}
+
+
+def test_feature_norms_leave_out_non_finite_values(tmp_path: Path) -> None:
+    """An untrained network in a dry run can overflow: its inf norms are counted, not drawn."""
+    from pipeline.evaluate.plots import draw_feature_norms
+
+    norms = {"student": torch.tensor([1.0, 1.2, 0.9]),
+             "teacher": torch.tensor([float("inf"), 2.0, float("nan")])}
+    fig = draw_feature_norms(norms, "norms")
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert labels[1].endswith("2 non-finite left out") and "non-finite" not in labels[0]
+    out = tmp_path / "norms.png"
+    fig.savefig(out)
+    assert out.stat().st_size > 0

@@ -175,10 +175,17 @@ def draw_curves(history: Sequence[dict[str, Any]]) -> Any | None:
 def draw_feature_norms(norms: dict[str, Tensor], title: str) -> Any:
     fig = _figure(6.0, 4.0)
     ax = fig.subplots()
-    edges = np.histogram_bin_edges(torch.cat(list(norms.values())).double().numpy(), bins=60)
-    for name, values in norms.items():
-        v = values.double().numpy()
-        ax.hist(v, bins=edges, alpha=0.5, label=f"{name} (mean {v.mean():.2f}, std {v.std():.2f})")
+    # Non-finite norms (an overflowing untrained network, fp16 features) are counted, not drawn.
+    finite = {k: v.double().numpy() for k, v in norms.items()}
+    dropped = {k: int((~np.isfinite(v)).sum()) for k, v in finite.items()}
+    finite = {k: v[np.isfinite(v)] for k, v in finite.items()}
+    pooled = np.concatenate([v for v in finite.values()] or [np.zeros(0)])
+    edges = np.histogram_bin_edges(pooled if pooled.size else np.zeros(1), bins=60)
+    for name, v in finite.items():
+        label = f"{name} (mean {v.mean():.2f}, std {v.std():.2f})" if v.size else f"{name}"
+        if dropped[name]:
+            label += f", {dropped[name]} non-finite left out"
+        ax.hist(v, bins=edges, alpha=0.5, label=label)
     ax.set(xlabel="L2 norm of the penultimate feature", ylabel="samples", title=title)
     ax.legend(fontsize=8)
     return fig

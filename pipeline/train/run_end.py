@@ -90,7 +90,12 @@ def finish_outputs(
     from pipeline.evaluate.plots import write_plots
 
     t0 = time.perf_counter()
-    files = write_plots(run_dir / PLOTS_DIR, outputs, class_names, history)
+    try:
+        files = write_plots(run_dir / PLOTS_DIR, outputs, class_names, history)
+    except Exception as err:  # a figure must never cost the finished run its results
+        log.warning("WARNING: plots not drawn (%s: %s); the run's results are unaffected",
+                    type(err).__name__, err)
+        files = []
     for f in files:
         tracker.log_artifact(f, PLOTS_DIR)
     t1 = time.perf_counter()
