@@ -58,3 +58,10 @@ def rotate_batch(batch: Batch, rotations: int) -> Batch:
     rotation = torch.arange(rotations, device=batch.labels.device).repeat(n)
     return Batch(images=images, labels=repeat(batch.labels), index=repeat(batch.index),
                  view=repeat(batch.view), rotation=rotation)
+
+
+def require_rotations(batch: Batch, method: str) -> None:
+    """A method that reads rotated copies refuses a batch without them."""
+    if batch.rotation is None:
+        raise ValueError(f"method {method}: expected a batch with 4 rotated copies per image "
+                         "(data.rotations: 4), found none")

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.data.rotate import require_rotations
 from pipeline.distill.base import METHODS, Method, MethodContext
 from pipeline.distill.hsakd_heads import aux_heads
 from pipeline.distill.losses import cross_entropy
@@ -80,12 +81,6 @@ def run_heads(heads: nn.ModuleList, feats: dict[int, Tensor], stages: tuple[int,
 
 def _stages(count: int) -> tuple[int, ...]:
     return tuple(range(1, count))  # every stage after the stem
-
-
-def _needs_rotations(batch: Batch, method: str) -> None:
-    if batch.rotation is None:
-        raise ValueError(f"method {method}: expected a batch with 4 rotated copies per image "
-                         "(data.rotations: 4), found none")
 
 
 def _teacher_heads(ctx: MethodContext, method: str) -> tuple[nn.ModuleList, tuple[int, ...]]:
@@ -158,7 +153,7 @@ class HSAKD(Method):
     def forward(  # type: ignore[override]
         self, student: ModelOutput, teacher: TeacherOutput | None, batch: Batch
     ) -> dict[str, Tensor]:
-        _needs_rotations(batch, "hsakd")
+        require_rotations(batch, "hsakd")
         if teacher is None or teacher.logits is None:
             raise ValueError("method hsakd: expected the teacher's logits and stage maps")
         s_aux = run_heads(self.student_heads, student.feats, self.student_stage_ids,
@@ -201,7 +196,7 @@ class HSAKDTeacher(Method):
     def forward(  # type: ignore[override]
         self, student: ModelOutput | None, teacher: TeacherOutput | None, batch: Batch
     ) -> dict[str, Tensor]:
-        _needs_rotations(batch, "hsakd.teacher")
+        require_rotations(batch, "hsakd.teacher")
         if teacher is None:
             raise ValueError("method hsakd.teacher: expected the teacher's stage maps")
         logits = run_heads(self.teacher_heads, teacher.feats, self.teacher_stage_ids,

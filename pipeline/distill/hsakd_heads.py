@@ -19,8 +19,6 @@ refused with the list of the supported ones.
 
 from __future__ import annotations
 
-import math
-
 import torchvision
 from torch import Tensor, nn
 
@@ -28,7 +26,7 @@ from pipeline.models.base import build_model
 from pipeline.models.cifar_resnet import CifarResNet, _stage
 from pipeline.models.torchvision_nets import TorchvisionResNet
 from pipeline.models.wrn import WideResNet, WideStage
-from pipeline.models.zoo_utils import global_pool
+from pipeline.models.zoo_utils import global_pool, he_init
 
 SUPPORTED = ("CIFAR ResNets (resnet8..resnet110, resnet8x4, resnet32x4)",
              "Wide ResNets (wrn_16_1 ... wrn_40_4)", "torchvision ResNets (resnet18/34/50)")
@@ -43,25 +41,13 @@ class AuxHead(nn.Module):
         self.stages = stages
         self.bn = nn.BatchNorm2d(width) if final_bn else None
         self.fc = nn.Linear(width, outputs)
-        _init(self)
+        he_init(self, zero_linear_bias=True)  # He-normal convs, BN 1/0, FC bias 0
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.stages(x)
         if self.bn is not None:
             x = nn.functional.relu(self.bn(x))
         return self.fc(global_pool(x))
-
-
-def _init(module: nn.Module) -> None:
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            nn.init.zeros_(m.bias)
 
 
 def _plan(widths: list[int]) -> list[list[tuple[int, int, int]]]:

@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.data.rotate import require_rotations
 from pipeline.distill.base import METHODS, Method, MethodContext
 from pipeline.distill.losses import cross_entropy
 from pipeline.distill.options import check_interval, check_temperature, check_weights
@@ -125,12 +126,6 @@ def ss_pretrain_loss(teacher_ss: Tensor) -> Tensor:
     return F.cross_entropy(s, own_image(s.shape[1], s.device))
 
 
-def _needs_rotations(batch: Batch, method: str) -> None:
-    if batch.rotation is None:
-        raise ValueError(f"method {method}: expected a batch with 4 rotated copies per image "
-                         "(data.rotations: 4), found none")
-
-
 @dataclass
 class SSKDOptions:
     """Config keys of ``method: {name: sskd, ...}`` (defaults: SSKD's CIFAR code)."""
@@ -202,7 +197,7 @@ class SSKD(Method):
     def forward(  # type: ignore[override]
         self, student: ModelOutput, teacher: TeacherOutput | None, batch: Batch
     ) -> dict[str, Tensor]:
-        _needs_rotations(batch, "sskd")
+        require_rotations(batch, "sskd")
         if teacher is None or teacher.logits is None or teacher.embedding is None:
             raise ValueError("method sskd: expected the teacher's logits and embedding")
         u_s = self.student_head(student.embedding.float())
@@ -239,7 +234,7 @@ class SSKDTeacher(Method):
     def forward(  # type: ignore[override]
         self, student: ModelOutput | None, teacher: TeacherOutput | None, batch: Batch
     ) -> dict[str, Tensor]:
-        _needs_rotations(batch, "sskd.teacher")
+        require_rotations(batch, "sskd.teacher")
         if teacher is None or teacher.embedding is None:
             raise ValueError("method sskd.teacher: expected the teacher's embedding")
         u = self.teacher_head(teacher.embedding.float())

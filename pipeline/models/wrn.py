@@ -20,13 +20,11 @@ twice per step in training; here each BN output is taken from the one forward pa
 
 from __future__ import annotations
 
-import math
-
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.models.base import MODELS, Net, pick_stages
-from pipeline.models.zoo_utils import global_pool
+from pipeline.models.zoo_utils import global_pool, he_init
 from pipeline.types import FeatureRequest, ModelOutput
 
 
@@ -106,19 +104,7 @@ class WideResNet(Net):
         self.bn1 = nn.BatchNorm2d(c[3])
         self.fc = nn.Linear(c[3], num_classes)
         self.embedding_dim = c[3]
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        # the original WRN code: N(0, sqrt(2 / (k*k*out_channels))) convs, BN 1/0, zero fc bias
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        he_init(self, zero_linear_bias=True)  # the original WRN code's initialisation
 
     @property
     def classifier(self) -> nn.Linear:

@@ -82,11 +82,13 @@ def last_linear(head: nn.Module) -> nn.Linear:
     return linears[-1]
 
 
-def he_init(model: nn.Module, linear_std: float | None = None) -> None:
+def he_init(model: nn.Module, linear_std: float | None = None,
+            zero_linear_bias: bool = False) -> None:
     """He-normal convs (std sqrt(2 / (k*k*out_channels)), zero bias), BN weight 1 and bias 0.
 
     Linear layers keep PyTorch's default unless ``linear_std`` is given (then N(0, std), bias 0),
-    as in the VGG and MobileNetV2 code of the CRD zoo.
+    as in the VGG and MobileNetV2 code of the CRD zoo; ``zero_linear_bias`` keeps the default
+    weight and zeroes the bias (the original WRN code).
     """
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
@@ -98,4 +100,6 @@ def he_init(model: nn.Module, linear_std: float | None = None) -> None:
             nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Linear) and linear_std is not None:
             nn.init.normal_(m.weight, 0.0, linear_std)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear) and zero_linear_bias:
             nn.init.zeros_(m.bias)
