@@ -13,7 +13,7 @@ from PIL import Image
 
 from pipeline.config.errors import ConfigError
 from pipeline.config.schema import DataSpec
-from pipeline.data import DatasetIndex, build_index
+from pipeline.data import DatasetIndex, UnreadableSample, build_index
 
 
 def _jpeg(path: Path, colour: tuple[int, int, int], size: tuple[int, int] = (12, 10)) -> None:
@@ -244,3 +244,34 @@ def test_index_rejects_inconsistent_contents() -> None:
         )
     with pytest.raises(ValueError, match="3 samples but 2 labels"):
         DatasetIndex("x", "/r", "train", ["a"], np.zeros(2), array=np.zeros((3, 4, 4, 3), np.uint8))
+
+
+def test_ram_cache_decodes_each_file_once_within_its_budget(tmp_path: Path) -> None:
+    _imagefolder(tmp_path / "ds")
+    spec = DataSpec(dataset="imagefolder", root=str(tmp_path / "ds"))
+    plain = build_index(DataSpec(dataset="imagefolder", root=str(tmp_path / "ds"), ram_cache_mb=0),
+                        "train")
+    kept = build_index(spec, "train")
+    assert kept.ram_cache_bytes == 512 << 20 and plain.ram_cache_bytes == 0
+    first = [np.asarray(kept.load(i)) for i in range(len(kept))]
+    for i in range(len(kept)):  # the kept images, from memory, are what the files decode to
+        os.remove(kept.path(i))
+        assert np.array_equal(np.asarray(kept.load(i)), first[i])
+        with pytest.raises(UnreadableSample, match="No such file"):
+            plain.load(i)
+    changed = kept.load(0)
+    changed.paste((0, 0, 0), (0, 0, 12, 10))  # a caller's change does not reach the kept image
+    assert np.array_equal(np.asarray(kept.load(0)), first[0])
+
+
+def test_ram_cache_keeps_no_more_than_its_budget(tmp_path: Path) -> None:
+    _imagefolder(tmp_path / "ds")
+    index = build_index(DataSpec(dataset="imagefolder", root=str(tmp_path / "ds")), "train")
+    index.ram_cache_bytes = 2 * 12 * 10 * 3  # room for two 12×10 RGB images
+    for i in range(len(index)):
+        index.load(i)
+    os.remove(index.path(0))
+    os.remove(index.path(2))
+    index.load(0)  # kept
+    with pytest.raises(Exception, match="No such file"):
+        index.load(2)  # decoded, but over the budget

@@ -49,6 +49,7 @@ def _table(spec: RunSpec) -> list[tuple[str, Any, Rule]]:
         ("data.batch_size", d.batch_size, at_least(1)),
         ("data.eval_batch_size", d.eval_batch_size, at_least(1)),
         ("data.workers", d.workers, at_least(0)),
+        ("data.ram_cache_mb", d.ram_cache_mb, at_least(0)),
         ("data.views", d.views, at_least(0)),
         ("data.eval_resize", d.eval_resize, (lambda v: v == 0 or v >= d.image_size,
                                              f"0 (no resize) or a size >= data.image_size "

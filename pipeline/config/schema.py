@@ -30,6 +30,10 @@ class DataSpec:
     batch_size: int = 64  # per process
     eval_batch_size: int = 128  # per process
     workers: int = 2
+    # Decoded training and evaluation images kept in memory per process, up to this many MiB
+    # (0: off): a small image-file dataset is decoded once, not every epoch. With workers > 0
+    # each loader process keeps its own for one epoch, so it helps most with workers: 0.
+    ram_cache_mb: int = 512
     # Augmentation views per sample: epoch e uses view e mod views; 0 means a fresh view each epoch.
     views: int = 0
     # Rotated copies of each training image (pipeline/data/rotate.py): 4 = 0/90/180/270°,

@@ -85,6 +85,12 @@ class DatasetIndex:
     bad: list[BadSample] = field(default_factory=list)
     # A subset of the split (pipeline/data/subset.py): what was selected, in the fingerprint.
     selection: str = ""
+    # Decoded images of a file-based index kept in memory, up to this many bytes of pixels
+    # (``data.ram_cache_mb``, set by build_index): a small dataset is decoded once per process,
+    # not once per epoch. It does not change what is loaded, so it is not in the fingerprint.
+    ram_cache_bytes: int = 0
+    _decoded: dict[int, Image.Image] = field(default_factory=dict, repr=False)
+    _decoded_bytes: int = field(default=0, repr=False)
 
     def __post_init__(self) -> None:
         self.labels = np.ascontiguousarray(self.labels, dtype=np.int64)
@@ -137,12 +143,21 @@ class DatasetIndex:
         """Sample ``i`` as an RGB PIL image; :class:`UnreadableSample` if it cannot be decoded."""
         if self.array is not None:
             return Image.fromarray(self.array[i])
+        kept = self._decoded.get(i)
+        if kept is not None:
+            return kept.copy()  # a copy: callers may change the image they get
         path = self.path(i)
         try:
             with Image.open(path) as img:
-                return img.convert("RGB")
+                rgb = img.convert("RGB")
         except DECODE_ERRORS as err:
             raise UnreadableSample(BadSample(i, path, decode_error(err, path))) from err
+        pixels = rgb.width * rgb.height * 3
+        if self._decoded_bytes + pixels <= self.ram_cache_bytes:
+            self._decoded[i] = rgb
+            self._decoded_bytes += pixels
+            return rgb.copy()
+        return rgb
 
     def record_bad(self, found: list[BadSample]) -> None:
         """Add samples found unreadable (by a loader) to ``bad``, once each."""
@@ -191,6 +206,7 @@ def build_index(spec: DataSpec, split: str) -> DatasetIndex:
     except KeyError as err:
         raise ConfigError(f"data.dataset: {err.args[0]}") from None
     index = builder(spec, split, resolve_root(spec.root))
+    index.ram_cache_bytes = max(int(spec.ram_cache_mb), 0) << 20
     if len(index) == 0:
         raise ConfigError(f"data: {index.where} holds no samples")
     if spec.num_classes and spec.num_classes != index.num_classes:

@@ -82,6 +82,7 @@ def subset_index(index: DatasetIndex, positions: np.ndarray, selection: str) -> 
         array=None if index.array is None else np.ascontiguousarray(index.array[pick]),
         sizes=None if index.sizes is None else index.sizes[pick],
         selection=selection,
+        ram_cache_bytes=index.ram_cache_bytes,
     )
 
 

@@ -22,8 +22,9 @@ are loaded and no data is indexed before it), when the run directory already hol
 ``FREE_KEYS`` are the keys that cannot change what a run computes, only how it is run or
 watched: ``run_dir`` (another spelling of this same directory), every ``tracking.*`` key,
 ``train.progress``, ``train.log_every_steps``, ``train.checkpoint_every_steps``,
-``train.dist_timeout_s``, ``train.allow_config_change`` itself and ``data.workers`` (loader
-processes: the batches are fixed by the order, not by the workers). Path values (``data.root``,
+``train.dist_timeout_s``, ``train.allow_config_change`` itself, ``data.ram_cache_mb`` (decoded
+images kept in memory) and ``data.workers`` (loader processes: the batches are fixed by the
+order, not by the workers). Path values (``data.root``,
 weights, cache and neighbour files) are equal when they resolve to the same path.
 
 Without a checkpoint the run starts afresh, and its config becomes version 1.
@@ -47,7 +48,7 @@ VERSIONS_DIR = "config_versions"
 HISTORY = "history.json"
 FREE_KEYS = ("run_dir", "tracking", "train.progress", "train.log_every_steps",
              "train.checkpoint_every_steps", "train.dist_timeout_s", "train.allow_config_change",
-             "data.workers")
+             "data.workers", "data.ram_cache_mb")
 FIXED_KEYS = ("model.arch", "teacher.arch", "method.name")
 PATH_KEYS = ("data.root", "data.neighbours", "data.ffcv_dir", "model.weights", "teacher.weights",
              "teacher.cache_dir")
