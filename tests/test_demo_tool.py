@@ -79,3 +79,52 @@ def test_milestones_scale_with_epochs() -> None:
     assert recipe.milestones(8) == [5, 7]
     assert recipe.milestones(16) == [10, 14]
     assert demo.milestones(32) == "[20, 28]"
+
+
+def _touch_stage(tmp_path: Path, name: str, after: list[str], code: str = "pass") -> demo.Stage:
+    """A stage whose command records when it ran and how many threads it was given."""
+    done = tmp_path / f"{name}.done"
+    script = ("import os, sys, time; from pathlib import Path; "
+              f"p = Path({str(tmp_path)!r}); t0 = time.time(); {code}; time.sleep(0.3); "
+              f"(p / '{name}.log').write_text(f'{{t0}} {{time.time()}} "
+              "{os.environ[\"OMP_NUM_THREADS\"]}'); "
+              f"Path({str(done)!r}).write_text('ok')")
+    return demo.Stage(name, ["-c", script], done, 1.0, [],
+                      [tmp_path / f"{a}.done" for a in after])
+
+
+def _ran(tmp_path: Path, name: str) -> tuple[float, float, int]:
+    start, end, threads = (tmp_path / f"{name}.log").read_text().split()
+    return float(start), float(end), int(threads)
+
+
+def test_schedule_runs_stages_after_what_they_read(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(demo, "OUT", tmp_path / "out")
+    monkeypatch.setattr(demo, "ROOT", tmp_path)
+    plan = [_touch_stage(tmp_path, "teacher", []), _touch_stage(tmp_path, "vanilla", []),
+            _touch_stage(tmp_path, "cache", ["teacher"]),
+            _touch_stage(tmp_path, "kd", ["cache"]), _touch_stage(tmp_path, "cid", ["cache"])]
+    demo.Schedule(plan, jobs=2, cores=2).run()
+    teacher, vanilla, cache = (_ran(tmp_path, n) for n in ("teacher", "vanilla", "cache"))
+    kd, cid = _ran(tmp_path, "kd"), _ran(tmp_path, "cid")
+    assert teacher[0] < vanilla[1] and vanilla[0] < teacher[1]  # side by side
+    assert teacher[2] == vanilla[2] == 1  # one core each
+    assert cache[0] >= teacher[1] and min(kd[0], cid[0]) >= cache[1]
+    assert kd[0] < cid[1] and cid[0] < kd[1] and kd[2] == cid[2] == 1
+    again = tmp_path / "again.log"
+    plan.append(_touch_stage(tmp_path, "again", ["kd"]))
+    demo.Schedule(plan, jobs=2, cores=2).run()  # finished stages are not run again
+    assert again.exists() and _ran(tmp_path, "teacher") == teacher
+    assert _ran(tmp_path, "again")[2] == 2  # alone: both cores
+
+
+def test_schedule_stops_at_a_failed_stage(tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(demo, "OUT", tmp_path / "out")
+    monkeypatch.setattr(demo, "ROOT", tmp_path)
+    plan = [_touch_stage(tmp_path, "teacher", [], "print('bad weights'); sys.exit(2)"),
+            _touch_stage(tmp_path, "cache", ["teacher"])]
+    with pytest.raises(SystemExit, match=r"(?s)teacher failed \(exit 2\).*bad weights"):
+        demo.Schedule(plan, jobs=2, cores=2).run()
+    assert not (tmp_path / "cache.log").exists()

@@ -38,6 +38,7 @@ from pipeline.evaluate.report import format_table, read_metrics, split_values  #
 # The recipe (tools/demo_recipe.py, benchmarks/results/demo_recipe.json).
 TEACHER_EPOCHS = 16
 STUDENT_EPOCHS = 32
+EVAL_EVERY = 4
 VIEWS = 8  # cached augmentation views per sample (epoch e reads view e mod K)
 CACHE_FIELDS = "[logits,embedding]"  # what KD, CID and IPWD read between them
 STUDENTS = [("vanilla", "configs/demo/vanilla.yaml"), ("KD", "configs/demo/kd.yaml"),
@@ -55,8 +56,10 @@ def milestones(epochs: int) -> str:
 
 
 def recipe(epochs: int) -> list[str]:
+    # Scored every EVAL_EVERY epochs (and at the last): the curves keep their shape, and the
+    # students spend their time training.
     return [f"optim.epochs={epochs}", f"optim.milestones={milestones(epochs)}",
-            "train.progress=false"]
+            f"train.eval_every={EVAL_EVERY}", "train.progress=false"]
 
 
 @dataclass
@@ -64,68 +67,116 @@ class Stage:
     label: str
     cmd: list[str]
     done: Path  # exists once the stage has finished
-    expected_s: float
+    expected_s: float  # as measured on the reference machine, in the demo's schedule
     overrides: list[str] = field(default_factory=list)
-
-
-class Clock:
-    """Prints each stage with its expected time, scaled by how the finished stages went."""
-
-    def __init__(self) -> None:
-        self.expected = self.taken = 0.0
-
-    def run(self, stage: Stage, n: int, total: int) -> None:
-        scale = self.taken / self.expected if self.expected else 1.0
-        head = f"[{n}/{total}] {stage.label}"
-        if stage.done.exists():
-            print(f"{head}: done already ({stage.done.relative_to(ROOT)})", flush=True)
-            return
-        print(f"{head}: expected ~{stage.expected_s * scale:.0f} s", flush=True)
-        cmd = [sys.executable, *stage.cmd]
-        for o in stage.overrides:
-            cmd += ["--set", o]
-        print("  $", " ".join(c if " " not in c else repr(c) for c in cmd[1:]), flush=True)
-        start = time.perf_counter()
-        log = OUT / "logs" / f"{n:02d}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with log.open("w") as out:
-            done = subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        if done.returncode != 0:
-            tail = "\n".join(log.read_text().splitlines()[-25:])
-            raise SystemExit(f"{stage.label} failed (exit {done.returncode}); {log}:\n{tail}")
-        taken = time.perf_counter() - start
-        self.expected += stage.expected_s
-        self.taken += taken
-        print(f"  took {taken:.0f} s", flush=True)
+    after: list[Path] = field(default_factory=list)  # the `done` files of the stages it reads
 
 
 def stages(seeds: list[int], extra: list[str]) -> list[Stage]:
+    """Every stage, in the order they start when cores are free: the teacher and the stages that
+    do not read it first, so that they run side by side."""
     teacher_dir = OUT / "teacher"
+    teacher_done = teacher_dir / "metrics.json"
     teacher_weights = f"teacher.weights={teacher_dir / 'student.pt'}"
     plan = [Stage("train the teacher (resnet20, CE)",
                   ["launch/train.py", "--cfg", "configs/demo/teacher.yaml",
-                   "--run-dir", str(teacher_dir)], teacher_dir / "metrics.json",
+                   "--run-dir", str(teacher_dir)], teacher_done,
                   START_S + TEACHER_EPOCHS * TEACHER_EPOCH_S,
                   [*recipe(TEACHER_EPOCHS), "seed=0", "tracking.run_name=demo/teacher", *extra])]
+    later: list[Stage] = []
     for seed in seeds:
         cache = OUT / f"teacher-cache-s{seed}-K{VIEWS}"
         cached = [teacher_weights, f"data.views={VIEWS}", f"teacher.cache_dir={cache}",
                   f"seed={seed}"]
-        plan.append(Stage(f"cache the teacher's outputs, {VIEWS} views (seed {seed})",
-                          ["launch/cache_teacher.py", "--cfg", "configs/demo/kd.yaml"],
-                          cache / "manifest.json", START_S + VIEWS * VIEW_S,
-                          [*cached, f"teacher.cache_fields={CACHE_FIELDS}", *extra]))
+        later.append(Stage(f"cache the teacher's outputs, {VIEWS} views (seed {seed})",
+                           ["launch/cache_teacher.py", "--cfg", "configs/demo/kd.yaml"],
+                           cache / "manifest.json", START_S + VIEWS * VIEW_S,
+                           [*cached, f"teacher.cache_fields={CACHE_FIELDS}", *extra],
+                           [teacher_done]))
         for name, cfg in STUDENTS:
             run_dir = OUT / f"{name.lower()}-s{seed}"
             teacher = [] if name == "vanilla" else [*cached, "teacher.source=cached"]
-            plan.append(Stage(
+            student = Stage(
                 f"train the {name} student (resnet8, seed {seed})",
                 ["launch/train.py", "--cfg", cfg, "--run-dir", str(run_dir)],
                 run_dir / "metrics.json", START_S + STUDENT_EPOCHS * STUDENT_EPOCH_S,
                 [*recipe(STUDENT_EPOCHS), f"seed={seed}", *teacher,
-                 f"tracking.run_name=demo/{name.lower()}-s{seed}", *extra]))
-    return plan
+                 f"tracking.run_name=demo/{name.lower()}-s{seed}", *extra],
+                [] if name == "vanilla" else [cache / "manifest.json"])
+            (plan if name == "vanilla" else later).append(student)
+    return plan + later
+
+
+def default_jobs() -> int:
+    """Stages run at once: one per core, and three on two cores, where the three cached
+    students, equally long, then share the cores and finish together."""
+    cores = os.cpu_count() or 1
+    return 3 if cores == 2 else max(cores, 1)
+
+
+class Schedule:
+    """Runs the stages, up to ``jobs`` at a time, each once the stages it reads have finished;
+    each running stage gets an equal share of the cores as its CPU threads. Prints each start
+    with its expected time, scaled by how the finished stages went."""
+
+    def __init__(self, plan: list[Stage], jobs: int, cores: int) -> None:
+        self.plan, self.jobs, self.cores = plan, jobs, cores
+        self.expected = self.taken = 0.0
+        self.running: dict[int, tuple[subprocess.Popen, float, int]] = {}
+
+    def run(self) -> None:
+        waiting = list(range(len(self.plan)))
+        while waiting or self.running:
+            ready = [i for i in waiting if all(p.exists() for p in self.plan[i].after)]
+            while ready and len(self.running) < self.jobs:
+                share = min(self.jobs, len(self.running) + len(ready))
+                i = ready.pop(0)
+                waiting.remove(i)
+                self._start(i, max(1, self.cores // share))
+            if not self.running:
+                names = ", ".join(self.plan[i].label for i in waiting)
+                raise SystemExit(f"demo: cannot start {names}: what they read is missing")
+            self._wait_one()
+
+    def _start(self, i: int, threads: int) -> None:
+        stage, n, total = self.plan[i], i + 1, len(self.plan)
+        head = f"[{n}/{total}] {stage.label}"
+        if stage.done.exists():
+            print(f"{head}: done already ({stage.done.relative_to(ROOT)})", flush=True)
+            return
+        scale = self.taken / self.expected if self.expected else 1.0
+        print(f"{head}: expected ~{stage.expected_s * scale:.0f} s "
+              f"({threads} thread{'s' if threads > 1 else ''})", flush=True)
+        cmd = [sys.executable, *stage.cmd]
+        for o in stage.overrides:
+            cmd += ["--set", o]
+        print("  $", " ".join(c if " " not in c else repr(c) for c in cmd[1:]), flush=True)
+        log = OUT / "logs" / f"{n:02d}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads)}
+        with log.open("w") as out:
+            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
+        self.running[i] = (proc, time.perf_counter(), threads)
+
+    def _wait_one(self) -> None:
+        while True:
+            for i, (proc, start, threads) in list(self.running.items()):
+                if proc.poll() is not None:
+                    del self.running[i]
+                    self._finished(i, proc.returncode, time.perf_counter() - start, threads)
+                    return
+            time.sleep(0.2)
+
+    def _finished(self, i: int, code: int, taken: float, threads: int) -> None:
+        stage, log = self.plan[i], OUT / "logs" / f"{i + 1:02d}.log"
+        if code != 0:
+            for proc, _, _ in self.running.values():
+                proc.terminate()
+            tail = "\n".join(log.read_text().splitlines()[-25:])
+            raise SystemExit(f"{stage.label} failed (exit {code}); {log}:\n{tail}")
+        self.expected += stage.expected_s
+        self.taken += taken
+        print(f"[{i + 1}/{len(self.plan)}] {stage.label}: took {taken:.0f} s", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,17 +184,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=1, help="student seeds (0 … N-1; default 1)")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    help="extra config override for every stage")
+    p.add_argument("--jobs", type=int, default=default_jobs(),
+                   help="stages run at once (default: one per core, three on two cores)")
     args = p.parse_args(argv)
     if args.seeds < 1:
         p.error(f"--seeds: expected >= 1, found {args.seeds}")
+    if args.jobs < 1:
+        p.error(f"--jobs: expected >= 1, found {args.jobs}")
     start = time.perf_counter()
     subprocess.run([sys.executable, "tools/make_demo_data.py", "--out", "data/demo"],
                    cwd=ROOT, check=True)
     seeds = list(range(args.seeds))
-    plan = stages(seeds, args.overrides)
-    clock = Clock()
-    for n, stage in enumerate(plan, 1):
-        clock.run(stage, n, len(plan))
+    Schedule(stages(seeds, args.overrides), args.jobs, os.cpu_count() or 1).run()
     rows = {f"teacher (resnet20, {TEACHER_EPOCHS} ep)":
             [split_values(read_metrics(OUT / "teacher"), SPLITS)]}
     for name, _ in STUDENTS:
