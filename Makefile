@@ -44,4 +44,4 @@ lint: setup
 	$(PY) -m ruff check .
 
 clean:
-	rm -rf runs data/demo mlruns.db mlartifacts .pytest_cache
+	rm -rf runs data/demo mlruns.db mlruns.db.lock mlartifacts .pytest_cache

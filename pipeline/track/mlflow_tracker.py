@@ -22,6 +22,8 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,28 @@ log = logging.getLogger(__name__)
 
 def default_uri() -> str:
     return f"sqlite:///{Path.cwd().resolve() / 'mlruns.db'}"
+
+
+@contextmanager
+def sqlite_creation_lock(uri: str) -> Iterator[None]:
+    """For a ``sqlite:`` URI, hold an exclusive lock on ``<database>.lock`` while MLflow opens the
+    store: the client creates and migrates a new database's tables when it opens it, and two
+    processes doing that at once (runs started side by side on a fresh clone) fail with an
+    alembic error. Any other URI: nothing."""
+    path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
+    if not path or path == ":memory:":
+        yield
+        return
+    import fcntl
+
+    lock = Path(path + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def resolve_uri(spec: TrackingSpec) -> str:
@@ -93,7 +117,8 @@ class Tracker:
             self.uri = resolve_uri(spec)
             if self.uri.startswith(("http://", "https://")):
                 fail_fast_http()
-            self.client = MlflowClient(tracking_uri=self.uri)
+            with sqlite_creation_lock(self.uri):
+                self.client = MlflowClient(tracking_uri=self.uri)
 
     # -- outage handling ----------------------------------------------------------------------
     @property
