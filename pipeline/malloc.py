@@ -6,7 +6,7 @@ freed, or trims the top of the heap once 128 KiB are free there; so every step m
 (page by page) and unmaps its activations and gradients again: about 5,400 minor page faults in
 every resnet8 step of 64 images. :func:`keep_freed_memory` raises the trim threshold and the top
 pad to 1 GiB with ``mallopt``, so freed memory stays in the heap and the next step reuses it: about
-30 faults a step, and steps ~15 % faster on one core (``tools/bench_malloc.py``,
+30 faults a step, and steps 9-11 % faster on one core (``tools/bench_malloc.py``,
 ``benchmarks/results/malloc_cpu.json``). The mmap threshold is left to glibc, whose own rule
 raises it up to 32 MiB as blocks are freed. The process keeps its peak heap instead of returning
 it, which a training process reaches every step anyway.

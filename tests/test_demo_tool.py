@@ -117,6 +117,8 @@ def test_schedule_runs_stages_after_what_they_read(tmp_path: Path,
     demo.Schedule(plan, jobs=2, cores=2).run()  # finished stages are not run again
     assert again.exists() and _ran(tmp_path, "teacher") == teacher
     assert _ran(tmp_path, "again")[2] == 2  # alone: both cores
+    demo.Schedule(plan, jobs=2, cores=2).run()  # everything finished: nothing to do
+    assert _ran(tmp_path, "again")[2] == 2
 
 
 def test_schedule_stops_at_a_failed_stage(tmp_path: Path,
