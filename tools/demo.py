@@ -132,7 +132,7 @@ class Schedule:
     def run(self) -> None:
         waiting = list(range(len(self.plan)))
         while waiting or self.running:
-            ready = [i for i in waiting if all(p.exists() for p in self.plan[i].after)]
+            ready = [i for i in waiting if self._readable(i)]
             while ready and len(self.running) < self.jobs:
                 share = min(self.jobs, len(self.running) + len(ready))
                 i = ready.pop(0)
@@ -140,10 +140,12 @@ class Schedule:
                 self._start(i, max(1, self.cores // share))
             if self.running:
                 self._wait_one()
-            elif waiting and not any(all(p.exists() for p in self.plan[i].after)
-                                     for i in waiting):
+            elif waiting and not any(self._readable(i) for i in waiting):
                 names = ", ".join(self.plan[i].label for i in waiting)
                 raise SystemExit(f"demo: cannot start {names}: what they read is missing")
+
+    def _readable(self, i: int) -> bool:
+        return all(p.exists() for p in self.plan[i].after)
 
     def _start(self, i: int, threads: int) -> None:
         stage, n, total = self.plan[i], i + 1, len(self.plan)

@@ -47,9 +47,7 @@ from pipeline.distill.options import check_temperature, check_weights
 from pipeline.distill.requirements import Requirements
 from pipeline.distill.teacher_heads import (
     DIGEST_KEY,
-    freeze,
-    heads_lineage,
-    load_teacher_heads,
+    FrozenHeadsMethod,
     teacher_digest,
 )
 from pipeline.models.features import ALL_STAGES
@@ -124,31 +122,21 @@ def hsakd_terms(z_s: Tensor, z_t: Tensor, s_aux: list[Tensor], t_aux: list[Tenso
 
 
 @METHODS.register("hsakd")
-class HSAKD(Method):
+class HSAKD(FrozenHeadsMethod):
     """HSAKD phase 2: student and its heads from the teacher and its frozen phase-1 heads."""
 
     Options = HSAKDOptions
     needs = Requirements(teacher_fields=("logits",), teacher_stages=(ALL_STAGES,),
                          student_stages=(ALL_STAGES,), rotations=ROTATIONS)
+    frozen_heads = "teacher_heads"
 
     def __init__(self, opts: HSAKDOptions, ctx: MethodContext) -> None:
         super().__init__(opts, ctx)
         outputs = ROTATIONS * ctx.num_classes
         self.student_heads = aux_heads(ctx.student_arch, ctx.num_classes, outputs)
         self.student_stage_ids = _stages(len(ctx.student_stages))
-        self.teacher_heads, self.teacher_stage_ids = _teacher_heads(ctx, "hsakd")
-        if ctx.load_teacher:
-            load_teacher_heads(self.teacher_heads, opts.teacher_heads, "teacher_heads", "hsakd",
-                               teacher_digest(ctx.teacher_arch, ctx.teacher_weights))
-        freeze(self.teacher_heads)
-
-    def train(self, mode: bool = True) -> HSAKD:
-        super().train(mode)
-        self.teacher_heads.eval()
-        return self
-
-    def lineage_tags(self) -> dict[str, str]:
-        return heads_lineage(self.opts.teacher_heads)
+        heads, self.teacher_stage_ids = _teacher_heads(ctx, "hsakd")
+        self.teacher_heads = self.load_frozen(heads, ctx, "teacher_heads", "hsakd")
 
     def forward(  # type: ignore[override]
         self, student: ModelOutput, teacher: TeacherOutput | None, batch: Batch

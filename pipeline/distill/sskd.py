@@ -57,9 +57,7 @@ from pipeline.distill.options import check_interval, check_temperature, check_we
 from pipeline.distill.requirements import Requirements
 from pipeline.distill.teacher_heads import (
     DIGEST_KEY,
-    freeze,
-    heads_lineage,
-    load_teacher_heads,
+    FrozenHeadsMethod,
     teacher_digest,
 )
 from pipeline.types import Batch, ModelOutput, TeacherOutput
@@ -169,30 +167,20 @@ def sskd_terms(z_s: Tensor, z_t: Tensor, u_s: Tensor, u_t: Tensor, labels: Tenso
 
 
 @METHODS.register("sskd")
-class SSKD(Method):
+class SSKD(FrozenHeadsMethod):
     """SSKD phase 2: the student with its SS head, from the teacher and its phase-1 SS head."""
 
     Options = SSKDOptions
     needs = Requirements(teacher_fields=("logits", "embedding"), rotations=ROTATIONS)
+    frozen_heads = "teacher_head"
 
     def __init__(self, opts: SSKDOptions, ctx: MethodContext) -> None:
         super().__init__(opts, ctx)
         if ctx.teacher_dim is None:
             raise ValueError("method sskd: expected the teacher's embedding size, found none")
         self.student_head = ss_head(ctx.student_dim)
-        self.teacher_head = ss_head(int(ctx.teacher_dim))
-        if ctx.load_teacher:
-            load_teacher_heads(self.teacher_head, opts.teacher_heads, "teacher_head", "sskd",
-                               teacher_digest(ctx.teacher_arch, ctx.teacher_weights))
-        freeze(self.teacher_head)
-
-    def train(self, mode: bool = True) -> SSKD:
-        super().train(mode)
-        self.teacher_head.eval()
-        return self
-
-    def lineage_tags(self) -> dict[str, str]:
-        return heads_lineage(self.opts.teacher_heads)
+        self.teacher_head = self.load_frozen(ss_head(int(ctx.teacher_dim)), ctx,
+                                             "teacher_head", "sskd")
 
     def forward(  # type: ignore[override]
         self, student: ModelOutput, teacher: TeacherOutput | None, batch: Batch

@@ -19,11 +19,13 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from pipeline.config.errors import ConfigError
+from pipeline.distill.base import Method, MethodContext
 
 DIGEST_KEY = "teacher_digest"
 
@@ -106,3 +108,27 @@ def freeze(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         p.requires_grad_(False)
     return module.eval()
+
+
+class FrozenHeadsMethod(Method):
+    """A student-phase method whose attribute ``frozen_heads`` holds the teacher-phase heads:
+    :meth:`load_frozen` loads them (from ``method.teacher_heads``, checked against this run's
+    teacher) and freezes them, ``train()`` keeps them in eval mode, and the run is tagged with
+    where they came from."""
+
+    frozen_heads: ClassVar[str]  # the attribute that holds the frozen heads
+
+    def load_frozen(self, heads: nn.Module, ctx: MethodContext, prefix: str,
+                    method: str) -> nn.Module:
+        if ctx.load_teacher:
+            load_teacher_heads(heads, self.opts.teacher_heads, prefix, method,
+                               teacher_digest(ctx.teacher_arch, ctx.teacher_weights))
+        return freeze(heads)
+
+    def train(self, mode: bool = True) -> FrozenHeadsMethod:
+        super().train(mode)
+        getattr(self, self.frozen_heads).eval()
+        return self
+
+    def lineage_tags(self) -> dict[str, str]:
+        return heads_lineage(self.opts.teacher_heads)
